@@ -1,0 +1,29 @@
+# Thin wrapper: every target calls the library. `make quickstart` and `make test` work on a fresh
+# machine (they create .venv and install the package first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup quickstart test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(BIN)/python -m forgetting_lib quickstart --out outputs/quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf outputs/quickstart

@@ -1,0 +1,79 @@
+"""Command line: `python -m forgetting_lib <command> ...` (also installed as `forgetting`).
+
+Each command is one `add_parser` block in `build_parser` plus one `cmd_<name>(args)` function
+that calls the library; heavy imports happen inside the command function. Errors a user can fix
+(bad corpus spec, missing tokenizer, incomplete token file) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .binarize import TokenFileError
+from .corpora import CorpusError
+from .tokenizer import TokenizerError
+
+USER_ERRORS: tuple[type[Exception], ...] = (CorpusError, TokenizerError, TokenFileError)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    """Train a tokenizer on the given corpora and print its card."""
+    from .tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size,
+                          chars_per_corpus=args.chars_per_corpus,
+                          num_dataset_ids=args.num_dataset_ids, seed=args.seed)
+    print(f"wrote {tok.directory} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:12]})")
+
+
+def cmd_binarize(args: argparse.Namespace) -> None:
+    """Binarize one corpus into a token file and print its sidecar."""
+    from .binarize import binarize
+
+    meta = binarize(args.corpus, args.tokenizer, args.out, dataset_id=args.dataset_id,
+                    max_tokens=args.max_tokens, shuffle_documents=args.shuffle, seed=args.seed)
+    print(json.dumps(meta, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per pipeline step."""
+    parser = argparse.ArgumentParser(prog="python -m forgetting_lib", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    p.add_argument("--corpus", action="append", required=True,
+                   help="corpus spec (repeat for several): sample:en, hf:NAME[:CONFIG], files:GLOB")
+    p.add_argument("--out", required=True, help="tokenizer folder to write")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--chars-per-corpus", type=int, default=2_000_000)
+    p.add_argument("--num-dataset-ids", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("binarize", help="tokenize a corpus into a uint16 token file")
+    p.add_argument("--corpus", required=True, help="corpus spec, e.g. sample:en")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--out", required=True, help="token file to write (NAME.bin; sidecar NAME.json)")
+    p.add_argument("--dataset-id", type=int, required=True)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--shuffle", action="store_true", help="shuffle documents (finite corpora)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_binarize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Typed, frozen run configuration, loaded strictly from YAML or dicts.
+
+A typo must never turn an experiment into a different one silently, so loading rejects unknown
+keys and names the nearest valid one (`opt.lrr` -> "did you mean opt.lr?"). Field names carry
+their units (`warmup_tokens`, `train_time_s`). `validate` checks combinations before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    experiment: str = "default"  # folder under outputs/ that groups related runs
+    name: str = "run"            # run id: the run folder is outputs/<experiment>/<name>
+    seed: int = 0                # root of every random key (init, data order, sampling)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""               # token file (.bin with a .json sidecar) to train on
+    T: int = 128                 # sequence length in tokens (row length; position 0 = dataset id)
+    batch_size: int = 32         # rows per optimizer step
+    valid_tokens: int = 100_000  # tokens held out for validation (rounded up to whole rows)
+    split_seed: int = 0          # seed of the train/valid row split; independent of run.seed
+    eval_batch_size: int = 0     # rows per evaluation batch (0 = auto: fastest for the platform)
+    microbatch_rows: int = 0     # rows per gradient-accumulation slice (0 = auto; a speed knob only)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    path: str = ""               # second token file mixed into every batch ('' = no mixing)
+    fraction: float = 0.0        # fraction of each batch's rows drawn from `path`, in [0, 1)
+    valid_tokens: int = 100_000  # validation tokens held out of the mix file (metric `mix_ntp`)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    D: int = 256                 # model (residual) width
+    L: int = 6                   # number of transformer blocks
+    H: int = 64                  # head dimension (heads N = D // H)
+    V: int = 4096                # vocabulary size (must cover the token file's tokenizer)
+    dtype: str = "auto"          # activation dtype: auto | float32 | bfloat16 (params stay f32)
+    remat: bool = False          # recompute block activations in the backward pass (saves memory)
+
+
+@dataclass(frozen=True)
+class OptConfig:
+    lr: float = 1e-3             # peak learning rate
+    schedule: str = "constant"   # constant | cosine (cosine needs a fixed training length)
+    warmup_tokens: int = 10_000_000  # linear warm-up length in training tokens
+    b1: float = 0.9              # AdamW first-moment decay
+    b2: float = 0.999            # AdamW second-moment decay
+    eps: float = 1e-8            # AdamW epsilon
+    weight_decay: float = 0.02   # decoupled weight decay, applied to every matrix
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    num_tokens_train: int | None = None    # stop after this many training tokens
+    tokens_per_param: float | None = None  # stop after this many tokens per parameter (TPP)
+    num_epochs: float | None = None        # stop after this many passes over the train rows
+    target_loss: float | None = None       # stop when valid_ntp <= this (nats/token)
+    train_time_s: float | None = None      # stop after this much pure train-step time (seconds)
+    patience: int | None = None            # stop after this many evals without a new best valid_ntp
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_tokens: int = 100_000            # evaluate every this many training tokens
+    checkpoint_every_tokens: int | None = None  # also checkpoint this often (None: only at the end)
+    progress: bool = True                  # show a progress bar / periodic progress lines
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    opt: OptConfig = field(default_factory=OptConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: Mapping[str, Any]) -> "Config":
+        """A validated copy with dotted keys changed: `cfg.replace({"model.D": 128})`."""
+        return from_dict(self.to_dict(), list(overrides.items()))
+
+
+LENGTH_RULES = ("num_tokens_train", "tokens_per_param", "num_epochs")
+
+
+def load(source: str | Path | Mapping[str, Any] | None = None,
+         overrides: Sequence[str | tuple[str, Any]] = ()) -> Config:
+    """Config from a YAML file or mapping, with dotted overrides (`"model.D=128"`), validated."""
+    if source is None:
+        raw: Mapping[str, Any] = {}
+    elif isinstance(source, Mapping):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return from_dict(raw, overrides)
+
+
+def from_dict(raw: Mapping[str, Any], overrides: Sequence[str | tuple[str, Any]] = ()) -> Config:
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"override {key!r} must be section.key=value, e.g. model.D=128")
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {key!r}: config section {section} is not a mapping")
+        target[name] = value
+    cfg = _build(Config, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def _parse_override(item: str | tuple[str, Any]) -> tuple[str, Any]:
+    if isinstance(item, tuple):
+        return item
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    return key.strip(), yaml.safe_load(text) if text.strip() else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert a scalar against its annotation (YAML reads `1e-3` as a string)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args and (typing.get_origin(hint) in (typing.Union, types.UnionType))
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if hint is int:
+            if isinstance(value, bool):
+                raise TypeError
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise TypeError
+            return int(as_float)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{key}: unsupported annotation {hint}")
+    raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject inconsistent combinations before any work starts."""
+    m, d, o, s = cfg.model, cfg.data, cfg.opt, cfg.stop
+    _check(m.D > 0 and m.L > 0 and m.H > 0 and m.D % m.H == 0, "model.D",
+           f"model.D={m.D} must be a positive multiple of model.H={m.H}")
+    _check(0 < m.V <= 65536, "model.V", f"model.V={m.V} must be in 1..65536 (token files are uint16)")
+    _check(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype",
+           f"model.dtype={m.dtype!r} must be auto, float32 or bfloat16")
+    _check(d.T >= 2 and d.batch_size >= 1 and d.eval_batch_size >= 0, "data.T",
+           "data.T must be >= 2, data.batch_size >= 1 and data.eval_batch_size >= 0")
+    _check(d.microbatch_rows >= 0 and (d.microbatch_rows == 0 or d.batch_size % d.microbatch_rows == 0),
+           "data.microbatch_rows", f"data.microbatch_rows={d.microbatch_rows} must divide "
+           f"data.batch_size={d.batch_size} (or be 0 for automatic)")
+    _check(d.valid_tokens >= 0, "data.valid_tokens", "data.valid_tokens must be >= 0")
+    _check(0 <= cfg.mix.fraction < 1, "mix.fraction", f"mix.fraction={cfg.mix.fraction} must be in [0, 1)")
+    _check(not (cfg.mix.fraction > 0 and not cfg.mix.path), "mix.path",
+           "mix.fraction > 0 needs mix.path (the token file to mix in)")
+    _check(o.schedule in ("constant", "cosine"), "opt.schedule",
+           f"opt.schedule={o.schedule!r} must be constant or cosine")
+    _check(o.lr > 0 and o.warmup_tokens >= 0, "opt.lr", "opt.lr must be > 0 and opt.warmup_tokens >= 0")
+    lengths = [r for r in LENGTH_RULES if getattr(s, r) is not None]
+    _check(len(lengths) <= 1, "stop", f"set at most one training-length rule, got {', '.join(lengths)}")
+    _check(not (o.schedule == "cosine" and not lengths), "opt.schedule",
+           "a cosine schedule needs a fixed length: set stop.num_tokens_train, stop.tokens_per_param "
+           "or stop.num_epochs")
+    any_stop = lengths or s.target_loss is not None or s.train_time_s is not None or s.patience
+    _check(bool(any_stop), "stop", "no stop rule set: the run would never end; set e.g. "
+           "stop.num_tokens_train")
+    for name in ("num_tokens_train", "tokens_per_param", "num_epochs", "train_time_s", "patience"):
+        value = getattr(s, name)
+        _check(value is None or (value > 0 and math.isfinite(value)), f"stop.{name}",
+               f"stop.{name}={value} must be positive")
+    _check(cfg.log.every_tokens > 0, "log.every_tokens", "log.every_tokens must be positive")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def dump(cfg: Config | Mapping[str, Any], path: str | Path) -> None:
+    """Write a config (or a resolved dict) as YAML, atomically."""
+    data = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    from .fileio import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

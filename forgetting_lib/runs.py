@@ -1,0 +1,120 @@
+"""Run folders and the one reader of their results.
+
+A run folder `outputs/<experiment>/<run>/` holds `config.yaml` (fully resolved), `metrics.jsonl`
+(one JSON row per evaluation), `summary.json` (status, stop reason, final metrics) and
+`checkpoint/`. `load_runs` turns any number of run folders into one tidy DataFrame; plots and
+analysis read results only through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import yaml
+
+from .fileio import atomic_write_json
+
+CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint"
+
+
+class RunFolderError(ValueError):
+    """A run folder is in a state that the requested action would damage; the message says why."""
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """Append one evaluation row (flushed and fsynced: a killed run keeps every finished row)."""
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; a torn last line (killed mid-write) is ignored."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def truncate_metrics(run_dir: Path, max_step: int) -> None:
+    """Keep only rows up to `max_step` (used when resuming from a checkpoint at that step)."""
+    rows = [r for r in read_metrics(run_dir) if r["step"] <= max_step]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    from .fileio import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / METRICS, text)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        raise RunFolderError(f"{run_dir} is not a run folder (no {CONFIG})")
+    return yaml.safe_load(path.read_text())
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    summary = read_summary(run_dir)
+    return summary is not None and summary.get("status") == "finished"
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run folder (holding config.yaml) under `root`, or `root` itself, sorted."""
+    root = Path(root)
+    if (root / CONFIG).exists():
+        return [root]
+    return sorted(p.parent for p in root.rglob(CONFIG))
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """One row per evaluation of every run found under `paths`.
+
+    Columns: `run` (folder name), `experiment` (its parent's name), `path`, the metrics (`step`,
+    `tokens`, `valid_ntp`, ...), `status` and `stop_reason` from the summary, and every config
+    value as a dotted column (`opt.lr`, `model.D`, ...).
+    """
+    roots = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    frames = []
+    for run_dir in (r for root in roots for r in find_runs(root)):
+        rows = read_metrics(run_dir)
+        if not rows:
+            continue
+        flat: dict[str, Any] = {}
+        _flatten("", read_config(run_dir), flat)
+        summary = read_summary(run_dir) or {}
+        meta = {"run": run_dir.name, "experiment": run_dir.parent.name, "path": str(run_dir),
+                "status": summary.get("status", "running"), "stop_reason": summary.get("stop_reason")}
+        frame = pd.DataFrame(rows)
+        for key, value in {**meta, **flat}.items():
+            frame[key] = [value] * len(frame)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)
