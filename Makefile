@@ -22,8 +22,8 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python benchmarks/tokenize.py
-	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python -m benchmarks.tokenize
+	$(BIN)/python -m benchmarks.train_throughput
 
 clean:
 	rm -rf outputs/quickstart

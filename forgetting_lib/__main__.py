@@ -12,10 +12,15 @@ import json
 import sys
 
 from .binarize import TokenFileError
+from .checkpoint import CheckpointError
+from .config import ConfigError
 from .corpora import CorpusError
+from .data import DataError
+from .runs import RunFolderError
 from .tokenizer import TokenizerError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CorpusError, TokenizerError, TokenFileError)
+USER_ERRORS: tuple[type[Exception], ...] = (CorpusError, TokenizerError, TokenFileError,
+                                            ConfigError, DataError, RunFolderError, CheckpointError)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -35,6 +40,28 @@ def cmd_binarize(args: argparse.Namespace) -> None:
     meta = binarize(args.corpus, args.tokenizer, args.out, dataset_id=args.dataset_id,
                     max_tokens=args.max_tokens, shuffle_documents=args.shuffle, seed=args.seed)
     print(json.dumps(meta, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Pretrain (or finetune) per a parameter file with dotted overrides."""
+    from pathlib import Path
+
+    from . import config as config_lib
+    from .train import train_and_evaluate
+
+    cfg = config_lib.load(args.params, args.overrides)
+    out = Path(args.out) if args.out else Path("outputs") / cfg.run.experiment / cfg.run.name
+    result = train_and_evaluate(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({"out_dir": str(result.out_dir), "status": result.status,
+                      "stop_reason": result.stop_reason, "step": result.step,
+                      "tokens": result.tokens, "final": result.final}, indent=2))
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    """The main job on the built-in sample (see forgetting_lib.quickstart)."""
+    from . import quickstart
+
+    quickstart.run(args.out, args.params, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle", action="store_true", help="shuffle documents (finite corpora)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_binarize)
+
+    p = sub.add_parser("train", help="train a model from a parameter file")
+    p.add_argument("params", help="YAML parameter file, e.g. params/quick/pretrain.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.D=192 opt.lr=1e-3")
+    p.add_argument("--out", help="run folder (default outputs/<run.experiment>/<run.name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete --out and start again")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quickstart", help="tokenizer, token files and a pretraining run on the sample")
+    p.add_argument("--out", default="outputs/quickstart")
+    p.add_argument("--params", default="params/quick/pretrain.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for the pretraining run")
+    p.set_defaults(func=cmd_quickstart)
     return parser
 
 

@@ -56,6 +56,36 @@ class ModelConfig:
     V: int = 4096                # vocabulary size (must cover the token file's tokenizer)
     dtype: str = "auto"          # activation dtype: auto | float32 | bfloat16 (params stay f32)
     remat: bool = False          # recompute block activations in the backward pass (saves memory)
+    load_path: str = ""          # parent run folder to finetune from ('' = train from scratch);
+                                 # D, L, H, V and the `parent` section are then read from it
+
+
+@dataclass(frozen=True)
+class RegConfig:
+    method: str = "none"         # none | ntp_pre | kl_pre | kl_dwn | replace | ewc (see replay.py)
+    coeff: float = 0.0           # regulariser weight; for `replace`: fraction of batch rows replaced
+    synth: bool = False          # replay rows sampled from the frozen parent (else its real train rows)
+    replay_batch_size: int = 0   # replay rows per step for ntp_pre / kl_pre (0 = data.batch_size)
+    buffer: int = 16             # self-generated: each refill samples buffer x replay rows, used once
+    temperature: float = 1.0     # self-generated: sampling temperature (1 = the model's distribution)
+    fisher_batches: int = 8      # ewc: replay batches used to estimate the diagonal Fisher
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0                # LoRA rank on every non-embedding matrix (0 = full finetuning)
+
+
+@dataclass(frozen=True)
+class ParentConfig:
+    """Filled in from `model.load_path` when a finetuning run starts; not meant to be set by hand."""
+
+    data_path: str = ""          # the parent's training token file (its valid rows = `prev` set)
+    split_seed: int = 0          # the parent's split seed, so `prev` rows are its validation rows
+    T: int = 0                   # the parent's row length
+    valid_tokens: int = 0        # the parent's validation size
+    seed: int = 0                # the parent's run seed (reproduces its init for weight drift)
+    final_valid_ntp: float | None = None  # the parent's final validation loss (forgetting baseline)
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,9 @@ class Config:
     opt: OptConfig = field(default_factory=OptConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    parent: ParentConfig = field(default_factory=ParentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -236,6 +269,28 @@ def validate(cfg: Config) -> None:
         _check(value is None or (value > 0 and math.isfinite(value)), f"stop.{name}",
                f"stop.{name}={value} must be positive")
     _check(cfg.log.every_tokens > 0, "log.every_tokens", "log.every_tokens must be positive")
+    _validate_finetuning(cfg)
+
+
+REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace", "ewc")
+
+
+def _validate_finetuning(cfg: Config) -> None:
+    r = cfg.reg
+    _check(r.method in REG_METHODS, "reg.method",
+           f"reg.method={r.method!r} must be one of {', '.join(REG_METHODS)}")
+    _check(r.method == "none" or bool(cfg.model.load_path), "reg.method",
+           f"reg.method={r.method} replays the parent's distribution, but there is no parent: "
+           f"set model.load_path to a finished pretraining run")
+    _check(cfg.lora.rank == 0 or bool(cfg.model.load_path), "lora.rank",
+           "LoRA finetunes a pretrained model: set model.load_path")
+    _check(r.coeff >= 0, "reg.coeff", f"reg.coeff={r.coeff} must be >= 0")
+    _check(r.method != "replace" or r.coeff < 1, "reg.coeff",
+           f"reg.coeff={r.coeff}: for reg.method=replace it is the replaced fraction, in [0, 1)")
+    _check(r.replay_batch_size >= 0 and r.buffer >= 1 and r.temperature >= 0 and r.fisher_batches >= 1,
+           "reg", "reg.replay_batch_size >= 0, reg.buffer >= 1, reg.temperature >= 0, "
+           "reg.fisher_batches >= 1")
+    _check(cfg.lora.rank >= 0, "lora.rank", "lora.rank must be >= 0")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

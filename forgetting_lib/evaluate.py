@@ -1,7 +1,8 @@
 """Evaluation as one jitted `lax.scan` over device-resident batches.
 
-One forward pass per batch yields every loss we report: the mean next-token loss (`ntp`) and the
-loss on the second half of each row (`ntp_h2`, positions that see at least T/2 tokens of context).
+One forward pass per batch yields every loss we report: the mean next-token loss (`ntp`), the
+loss on the second half of each row (`ntp_h2`, positions that see at least T/2 tokens of
+context), and, when finetuning, the KL from the frozen parent to the current model (`kl`).
 """
 
 from __future__ import annotations
@@ -12,23 +13,32 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .losses import ntp_from_hidden
+from .losses import chunked_stats
 
 
-def make_evaluator(hidden: Callable) -> Callable:
-    """evaluate(params, tokens [nb, Be, T] int32, mask [nb, Be] f32) -> {"ntp", "ntp_h2"} (jitted)."""
-    def evaluate(params: Any, tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+def make_evaluator(hidden: Callable, with_teacher: bool = False) -> Callable:
+    """evaluate(params, teacher, tokens [nb, Be, T] int32, mask [nb, Be] f32) -> metrics (jitted).
+
+    Metrics: {"ntp", "ntp_h2"} and, if `with_teacher`, "kl" = KL(teacher || params) per token.
+    Pass teacher=None when `with_teacher` is False.
+    """
+    def evaluate(params: Any, teacher: Any, tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
         T = tokens.shape[-1]
 
         def body(sums: jax.Array, xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
             batch, m = xs  # [Be, T], [Be]
-            per = ntp_from_hidden(*hidden(params, batch), batch)  # [Be, T-1]
-            row_ntp = jnp.mean(per, axis=1)  # [Be]
-            row_h2 = jnp.mean(per[:, T // 2 - 1:], axis=1)  # [Be]: targets T/2 .. T-1
-            return sums + jnp.stack([jnp.sum(row_ntp * m), jnp.sum(row_h2 * m), jnp.sum(m)]), None
+            ref = hidden(teacher, batch) if with_teacher else None
+            ntp, kl = chunked_stats(*hidden(params, batch), batch, teacher=ref)  # [Be, T-1], [Be, T]
+            per_row = [jnp.mean(ntp, axis=1), jnp.mean(ntp[:, T // 2 - 1:], axis=1)]  # [Be] each
+            if with_teacher:
+                per_row.append(jnp.mean(kl, axis=1))
+            return sums + jnp.stack([jnp.sum(x * m) for x in per_row] + [jnp.sum(m)]), None
 
-        sums, _ = jax.lax.scan(body, jnp.zeros(3, jnp.float32), (tokens, mask))
-        return {"ntp": sums[0] / sums[2], "ntp_h2": sums[1] / sums[2]}
+        sums, _ = jax.lax.scan(body, jnp.zeros(4 if with_teacher else 3, jnp.float32), (tokens, mask))
+        out = {"ntp": sums[0] / sums[-1], "ntp_h2": sums[1] / sums[-1]}
+        if with_teacher:
+            out["kl"] = sums[2] / sums[-1]
+        return out
     return jax.jit(evaluate)
 
 
@@ -36,3 +46,9 @@ def make_evaluator(hidden: Callable) -> Callable:
 def weight_norm(params: Any) -> jax.Array:
     """Global L2 norm of all parameters."""
     return optax.global_norm(params)
+
+
+@jax.jit
+def distance(params: Any, reference: Any) -> jax.Array:
+    """||params - reference|| over all parameters."""
+    return optax.global_norm(jax.tree.map(lambda a, b: a - b, params, reference))

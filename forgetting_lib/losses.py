@@ -49,25 +49,56 @@ def ntp_from_hidden(hidden: jax.Array, unembed: jax.Array, tokens: jax.Array) ->
     """Next-token loss per position without materialising [B, T, V] logits.
 
     hidden [B, T, D] (final-normed), unembed [D, V], tokens [B, T] -> [B, T-1] float32, equal to
-    `ntp_per_position(hidden @ unembed, tokens)`. The positions are processed in chunks under
-    `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing them.
+    `ntp_per_position(hidden @ unembed, tokens)`.
+    """
+    ntp, _ = chunked_stats(hidden, unembed, tokens)
+    return ntp
+
+
+def kl_from_hidden(teacher: tuple[jax.Array, jax.Array], hidden: jax.Array, unembed: jax.Array,
+                   tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(ntp [B, T-1], KL(teacher || student) [B, T]) from hidden states, chunked like ntp_from_hidden.
+
+    `teacher` = (hidden [B, T, D], unembed [D, V]) of the frozen model; no gradient flows into it.
+    """
+    ntp, kl = chunked_stats(hidden, unembed, tokens, teacher=jax.lax.stop_gradient(teacher))
+    return ntp, kl
+
+
+def chunked_stats(hidden: jax.Array, unembed: jax.Array, tokens: jax.Array,
+                  teacher: tuple[jax.Array, jax.Array] | None = None
+                  ) -> tuple[jax.Array, jax.Array | None]:
+    """Per-position NTP (and KL to `teacher` if given) over chunks of `chunk_rows()` positions.
+
+    Each chunk is processed under `jax.checkpoint`, so the backward pass recomputes its [R, V]
+    logits instead of storing [B, T, V] of them.
     """
     B, T, D = hidden.shape
     n = B * T
     rows = min(chunk_rows(), n)
     n_chunks = math.ceil(n / rows)
     pad = n_chunks * rows - n
-    targets = jnp.roll(tokens, -1, axis=1).reshape(n)  # position t is scored against token t+1
-    h = jnp.pad(hidden.reshape(n, D), ((0, pad), (0, 0))).reshape(n_chunks, rows, D)  # [C, R, D]
-    targets = jnp.pad(targets, (0, pad)).reshape(n_chunks, rows)  # [C, R]
+
+    def split(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [C, R, ...], zero-padded
+        flat = x.reshape(n, *x.shape[2:])
+        return jnp.pad(flat, [(0, pad)] + [(0, 0)] * (flat.ndim - 1)).reshape(n_chunks, rows, *x.shape[2:])
+
+    targets = split(jnp.roll(tokens, -1, axis=1))  # position t is scored against token t+1
+    xs = (split(hidden), targets) + ((split(teacher[0]),) if teacher is not None else ())
 
     @jax.checkpoint
-    def chunk(_: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
-        h_c, t_c = xs
+    def chunk(_: None, xs: tuple[jax.Array, ...]) -> tuple[None, tuple[jax.Array, jax.Array]]:
+        h_c, t_c = xs[0], xs[1]
         logits = jnp.einsum("rd,dv->rv", h_c, unembed.astype(h_c.dtype),
                             preferred_element_type=jnp.float32)  # [R, V]
         target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]  # [R]
-        return None, jax.nn.logsumexp(logits, axis=-1) - target_logit
+        ntp = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        if teacher is None:
+            return None, (ntp, jnp.zeros_like(ntp))
+        t_logits = jnp.einsum("rd,dv->rv", xs[2], teacher[1].astype(xs[2].dtype),
+                              preferred_element_type=jnp.float32)  # [R, V]
+        return None, (ntp, kl_per_position(t_logits, logits))
 
-    _, per = jax.lax.scan(chunk, None, (h, targets))  # [C, R]
-    return per.reshape(-1)[:n].reshape(B, T)[:, :-1]  # [B, T-1]
+    _, (ntp, kl) = jax.lax.scan(chunk, None, xs)  # [C, R] each
+    ntp = ntp.reshape(-1)[:n].reshape(B, T)[:, :-1]  # [B, T-1]
+    return ntp, (kl.reshape(-1)[:n].reshape(B, T) if teacher is not None else None)

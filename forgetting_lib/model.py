@@ -70,7 +70,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array] | None,
                  start: jax.Array | int) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         dtype = x.dtype
-        qkv = jnp.einsum("btd,dsnh->btsnh", rms_norm(x), self.qkv.value.astype(dtype))
+        qkv = jnp.einsum("btd,dsnh->btsnh", rms_norm(x), self.qkv[...].astype(dtype))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
         q, k = rope(rms_norm(q), positions), rope(rms_norm(k), positions)
         if cache is not None:  # write this call's keys/values at [start, start + T)
@@ -84,9 +84,9 @@ class Block(nnx.Module):
         scores = jnp.where(causal[None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, N, T, S]
         attn = jnp.einsum("bnts,bsnh->btnh", probs, v.astype(dtype))
-        x = x + jnp.einsum("btnh,nhd->btd", attn, self.out.value.astype(dtype))
-        h = jax.nn.gelu(jnp.einsum("btd,df->btf", rms_norm(x), self.up.value.astype(dtype)))
-        x = x + jnp.einsum("btf,fd->btd", h, self.down.value.astype(dtype))
+        x = x + jnp.einsum("btnh,nhd->btd", attn, self.out[...].astype(dtype))
+        h = jax.nn.gelu(jnp.einsum("btd,df->btf", rms_norm(x), self.up[...].astype(dtype)))
+        x = x + jnp.einsum("btf,fd->btd", h, self.down[...].astype(dtype))
         return x, cache
 
 
@@ -120,14 +120,14 @@ class Transformer(nnx.Module):
                ) -> tuple[jax.Array, Cache | None]:
         """Logits for tokens [B, T] at positions start..start+T-1, reading/writing `cache`."""
         x, new_cache = self._trunk(tokens, cache, start)
-        logits = jnp.einsum("btd,dv->btv", x, self.unembed.value.astype(self.dtype),
+        logits = jnp.einsum("btd,dv->btv", x, self.unembed[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
         return logits, new_cache
 
     def _trunk(self, tokens: jax.Array, cache: Cache | None, start: jax.Array | int
                ) -> tuple[jax.Array, Cache | None]:
         positions = start + jnp.arange(tokens.shape[1])  # [T]
-        x = self.embed.value.astype(self.dtype)[tokens]  # [B, T, D]
+        x = self.embed[...].astype(self.dtype)[tokens]  # [B, T, D]
         new_cache: Cache | None = [] if cache is not None else None
         run_block = _run_block_remat if self.cfg.remat and cache is None else _run_block
         for i, block in enumerate(self.blocks):
@@ -168,7 +168,7 @@ def make_hidden(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], tupl
 
 def _hidden(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, params)
-    return model.hidden(tokens), model.unembed.value
+    return model.hidden(tokens), model.unembed[...]
 
 
 def _apply(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) -> jax.Array:

@@ -36,17 +36,19 @@ class Progress:
     """
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "it",
-                 every_seconds: float = 10.0, interactive: bool | None = None):
+                 every_seconds: float = 10.0, interactive: bool | None = None,
+                 enabled: bool = True):
         self.desc, self.total, self.unit = desc, total, unit
         self.every_seconds = every_seconds
         self.count = 0
+        self.enabled = enabled
         self._interactive = is_interactive() if interactive is None else interactive
         self._bar = None
         self._start = self._last = time.perf_counter()
         self._postfix: dict[str, Any] = {}
 
     def __enter__(self) -> "Progress":
-        if self._interactive:
+        if self._interactive and self.enabled:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, unit_scale=True)
@@ -55,6 +57,8 @@ class Progress:
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.count += n
         self._postfix.update(postfix)
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.update(n)
             if postfix:
@@ -75,7 +79,7 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.close()
-        else:
+        elif self.enabled:
             print(self._line(time.perf_counter()), flush=True)
 
 

@@ -1,4 +1,4 @@
-"""One training loop for pretraining (and, later, finetuning): `train_and_evaluate(cfg, out_dir)`.
+"""One training loop for pretraining and finetuning: `train_and_evaluate(cfg, out_dir)`.
 
 The loop alternates an *interval* of jitted train steps (params and optimizer state donated,
 batches prepared on the host while the device works) with one evaluation (a jitted `lax.scan` over
@@ -22,13 +22,16 @@ import numpy as np
 import optax
 import pandas as pd
 
-from . import checkpoint, config as config_lib, data as data_lib, model as model_lib, runs, runtime
-from .evaluate import make_evaluator, weight_norm
-from .losses import ntp_from_hidden
+from . import checkpoint, config as config_lib, data as data_lib, lora as lora_lib, model as model_lib
+from . import replay as replay_lib, runs, runtime
+from .evaluate import distance, make_evaluator, weight_norm
+from .finetune import KEY_MODEL, Parent, load_parent, resolve
 from .progress import Progress
+from .step import (auto_microbatches, full_params, lr_schedule, make_objective, make_optimizer,
+                   make_train_step)
 
 # Named streams of the run's root key (see STYLE: one root key, split by name).
-KEY_MODEL = 0
+KEY_REPLAY, KEY_LORA = 2, 3
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Tracker:
     step: int = 0
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
+    sample_time_s: float = 0.0
     best_valid: float = math.inf
     evals_since_best: int = 0
 
@@ -71,72 +75,19 @@ class Setup:
     eval_every: int            # steps between evaluations
     checkpoint_every: int | None  # steps between checkpoints (None: only at the end)
     num_params: int
+    parent: Parent | None = None
+    replay: replay_lib.RealReplay | replay_lib.SelfGeneratedReplay | None = None
+    replay_rows: int = 0       # rows drawn from `replay` each step
+    ctx: dict[str, Any] = field(default_factory=dict)  # frozen parent / Fisher for the step
     compiled: dict[str, Callable] = field(default_factory=dict)
 
+    @property
+    def lora(self) -> bool:
+        return self.cfg.lora.rank > 0
 
-def lr_schedule(opt: config_lib.OptConfig, warmup_steps: int, total_steps: int | None
-                ) -> optax.Schedule:
-    """Linear warm-up over `warmup_steps`, then constant or cosine decay to 0 at `total_steps`."""
-    def schedule(count: jax.Array) -> jax.Array:
-        lr = opt.lr * jnp.minimum(1.0, (count + 1) / max(warmup_steps, 1))
-        if opt.schedule == "cosine":
-            span = max((total_steps or 1) - warmup_steps, 1)
-            progress = jnp.clip((count - warmup_steps) / span, 0.0, 1.0)
-            lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return lr
-    return schedule
-
-
-def make_optimizer(opt: config_lib.OptConfig, warmup_steps: int, total_steps: int | None
-                   ) -> optax.GradientTransformation:
-    """AdamW with the run's schedule; no gradient clipping (as in the paper)."""
-    return optax.adamw(lr_schedule(opt, warmup_steps, total_steps), b1=opt.b1, b2=opt.b2,
-                       eps=opt.eps, weight_decay=opt.weight_decay)
-
-
-def make_train_step(hidden: Callable, optimizer: optax.GradientTransformation,
-                    microbatches: int = 1) -> Callable:
-    """(params, opt_state, batch [B, T]) -> (params, opt_state, loss); jit with donation.
-
-    `hidden` is `model.make_hidden(graphdef)`: the loss fuses the unembedding
-    (losses.ntp_from_hidden). With `microbatches` > 1 the gradient is accumulated over that many
-    equal slices of the batch in a `lax.scan` (same result up to float summation order; on a CPU,
-    slices of ~512 tokens keep activations in cache and measured ~1.5x faster).
-    """
-    def loss_fn(params, batch):
-        return jnp.mean(ntp_from_hidden(*hidden(params, batch), batch))
-
-    def grads_fn(params, batch):
-        if microbatches == 1:
-            return jax.value_and_grad(loss_fn)(params, batch)
-        B, T = batch.shape
-        slices = batch.reshape(microbatches, B // microbatches, T)  # [M, B/M, T]
-
-        def body(acc, micro):
-            return jax.tree.map(jnp.add, acc, jax.value_and_grad(loss_fn)(params, micro)), None
-
-        zero = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params))
-        total, _ = jax.lax.scan(body, zero, slices)
-        return jax.tree.map(lambda x: x / microbatches, total)
-
-    def train_step(params, opt_state, batch):
-        loss, grads = grads_fn(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-    return jax.jit(train_step, donate_argnums=(0, 1))
-
-
-def auto_microbatches(batch_size: int, T: int, rows: int = 0) -> int:
-    """Number of gradient-accumulation slices: `batch_size / rows` if rows is set, else on a CPU
-    the largest divisor of the batch with >= 512 tokens per slice, and 1 on accelerators."""
-    if rows:
-        return batch_size // rows
-    if jax.default_backend() != "cpu":
-        return 1
-    per_slice = max(1, math.ceil(512 / T))
-    while batch_size % per_slice:
-        per_slice += 1
-    return batch_size // per_slice
+    def materialize(self, trainable: Any) -> Any:
+        """Full parameters from the trainable tree (LoRA: merged into the frozen parent)."""
+        return lora_lib.merge(self.ctx["frozen"], trainable) if self.lora else trainable
 
 
 def auto_eval_rows(T: int) -> int:
@@ -161,10 +112,12 @@ def total_steps_for(cfg: config_lib.Config, tokens_per_step: int, rows_per_epoch
 
 def build_setup(cfg: config_lib.Config) -> Setup:
     """Open the data, size the run, and build (not yet compile) the model and optimizer."""
-    d, m = cfg.data, cfg.model
-    mix_rows = data_lib.mix_row_count(d.batch_size, cfg.mix.fraction)
+    d, m, r = cfg.data, cfg.model, cfg.reg
+    replace_rows = math.floor(r.coeff * d.batch_size) if r.method == "replace" else 0
+    new_rows = d.batch_size - replace_rows  # rows of each batch from the (new) training data
+    mix_rows = data_lib.mix_row_count(new_rows, cfg.mix.fraction)
     main = data_lib.open_rows(d.path, T=d.T, valid_tokens=d.valid_tokens, split_seed=d.split_seed,
-                              vocab_size=m.V, min_train_rows=d.batch_size - mix_rows)
+                              vocab_size=m.V, min_train_rows=new_rows - mix_rows)
     eval_rows = d.eval_batch_size or auto_eval_rows(d.T)
     eval_sets = {"valid": data_lib.eval_batches(main, eval_rows)}
     mix = None
@@ -173,33 +126,78 @@ def build_setup(cfg: config_lib.Config) -> Setup:
                                  split_seed=d.split_seed, vocab_size=m.V, min_train_rows=mix_rows)
         if cfg.mix.valid_tokens > 0:
             eval_sets["mix"] = data_lib.eval_batches(mix, eval_rows)
-    batcher = data_lib.Batcher(main, d.batch_size, cfg.run.seed, mix, mix_rows)
     tokens_per_step = d.batch_size * d.T
-    total = total_steps_for(cfg, tokens_per_step, (d.batch_size - mix_rows) / len(main.train_rows))
+    total = total_steps_for(cfg, tokens_per_step, (new_rows - mix_rows) / len(main.train_rows))
     warmup_steps = math.ceil(cfg.opt.warmup_tokens / tokens_per_step)
-    graphdef, _ = model_lib.abstract_params(m)
-    every = max(1, round(cfg.log.every_tokens / tokens_per_step))
     ckpt = cfg.log.checkpoint_every_tokens
-    return Setup(cfg=cfg, graphdef=graphdef,
-                 optimizer=make_optimizer(cfg.opt, warmup_steps, total), batcher=batcher,
-                 eval_sets={k: (jnp.asarray(t), jnp.asarray(msk)) for k, (t, msk) in eval_sets.items()},
-                 tokens_per_step=tokens_per_step, total_steps=total, eval_every=every,
-                 checkpoint_every=None if ckpt is None else max(1, round(ckpt / tokens_per_step)),
-                 num_params=model_lib.param_formula(m))
+    setup = Setup(cfg=cfg, graphdef=model_lib.abstract_params(m)[0],
+                  optimizer=make_optimizer(cfg.opt, warmup_steps, total),
+                  batcher=data_lib.Batcher(main, new_rows, cfg.run.seed, mix, mix_rows),
+                  eval_sets=eval_sets, tokens_per_step=tokens_per_step, total_steps=total,
+                  eval_every=max(1, round(cfg.log.every_tokens / tokens_per_step)),
+                  checkpoint_every=None if ckpt is None else max(1, round(ckpt / tokens_per_step)),
+                  num_params=model_lib.param_formula(m))
+    if m.load_path:
+        _attach_parent(setup, eval_rows, replace_rows)
+    setup.eval_sets = {k: (jnp.asarray(t), jnp.asarray(msk)) for k, (t, msk) in setup.eval_sets.items()}
+    return setup
 
 
-def compile_all(setup: Setup, params: Any, opt_state: Any) -> float:
-    """Ahead-of-time compile the train step and evaluator; returns compile seconds."""
+def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
+    """Finetuning: the frozen parent, its validation rows as `prev`, the replay source, the Fisher."""
+    cfg, p, r = setup.cfg, setup.cfg.parent, setup.cfg.reg
+    setup.parent = load_parent(cfg)
+    setup.ctx["frozen"] = setup.parent.params
+    try:
+        prev = data_lib.open_rows(p.data_path, T=p.T, valid_tokens=p.valid_tokens,
+                                  split_seed=p.split_seed, vocab_size=cfg.model.V, min_train_rows=0)
+    except (data_lib.DataError, ValueError) as err:
+        hint = " (self-generated replay, reg.synth=true, needs no old data)" if not r.synth else ""
+        raise data_lib.DataError(f"the parent's training data {p.data_path} is needed for the "
+                                 f"`prev` (old-data) evaluation{hint}: {err}") from err
+    setup.eval_sets["prev"] = data_lib.eval_batches(prev, eval_rows)
+    if r.method == "replace":
+        setup.replay_rows = replace_rows
+    elif r.method in ("ntp_pre", "kl_pre"):
+        setup.replay_rows = r.replay_batch_size or cfg.data.batch_size
+    source_rows = setup.replay_rows or r.replay_batch_size or cfg.data.batch_size
+    if setup.replay_rows == 0 and r.method != "ewc":
+        return
+    if r.synth:
+        setup.replay = replay_lib.SelfGeneratedReplay(
+            setup.graphdef, setup.parent.params, prev.dataset_token, source_rows, cfg.data.T,
+            r.buffer, jax.random.fold_in(jax.random.key(cfg.run.seed), KEY_REPLAY), r.temperature)
+    else:
+        if len(prev.train_rows) < source_rows:
+            raise data_lib.DataError(f"{p.data_path}: the parent's train split has "
+                                     f"{len(prev.train_rows)} rows, fewer than the {source_rows} replay "
+                                     f"rows per step; lower reg.replay_batch_size or use reg.synth=true")
+        setup.replay = replay_lib.RealReplay(prev, source_rows, cfg.run.seed)
+    if r.method == "ewc":
+        batches = [setup.replay.batch(i) for i in range(r.fisher_batches)]
+        setup.ctx["fisher"] = replay_lib.diagonal_fisher(
+            model_lib.make_hidden(setup.graphdef), setup.parent.params, batches)
+
+
+def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
+    """Ahead-of-time compile the train step and evaluators; returns compile seconds."""
     start = time.perf_counter()
     hidden = model_lib.make_hidden(setup.graphdef)
-    d = setup.cfg.data
-    batch = jax.ShapeDtypeStruct((d.batch_size, d.T), jnp.int32)
-    micro = auto_microbatches(d.batch_size, d.T, d.microbatch_rows)
-    setup.compiled["step"] = make_train_step(hidden, setup.optimizer, micro).lower(
-        params, opt_state, batch).compile()
-    evaluator = make_evaluator(hidden)
+    d, r = setup.cfg.data, setup.cfg.reg
+    new = jax.ShapeDtypeStruct((setup.batcher.batch_size, d.T), jnp.int32)
+    replay = jax.ShapeDtypeStruct((setup.replay_rows, d.T), jnp.int32)
+    replace = r.method == "replace"
+    micro = auto_microbatches(d.batch_size, d.T, d.microbatch_rows, 0 if replace else setup.replay_rows)
+    materialize = (lambda tr, ctx: lora_lib.merge(ctx["frozen"], tr)) if setup.lora else full_params
+    objective = make_objective(hidden, r, materialize)
+    setup.compiled["step"] = make_train_step(objective, setup.optimizer, micro, replace).lower(
+        trainable, opt_state, setup.ctx, new, replay).compile()
+    setup.compiled["materialize"] = jax.jit(materialize)
+    teacher = setup.ctx.get("frozen")
+    evaluator = make_evaluator(hidden, with_teacher=teacher is not None)
+    params = jax.eval_shape(materialize, trainable, setup.ctx)
     for name, (tokens, mask) in setup.eval_sets.items():
-        setup.compiled[f"eval_{name}"] = evaluator.lower(params, tokens, mask).compile()
+        setup.compiled[f"eval_{name}"] = evaluator.lower(params, teacher, tokens, mask).compile()
     return time.perf_counter() - start
 
 
@@ -208,6 +206,7 @@ def train_and_evaluate(cfg: config_lib.Config, out_dir: str | Path, *, resume: b
     """Train per `cfg`, writing the run folder `out_dir`; see the module docstring."""
     runtime.configure()
     out_dir = Path(out_dir)
+    cfg = resolve(cfg)  # a finetuning run reads its architecture and parent split from the parent
     done = _prepare_run_dir(cfg, out_dir, resume=resume, overwrite=overwrite)
     if done is not None:
         return done
@@ -216,10 +215,9 @@ def train_and_evaluate(cfg: config_lib.Config, out_dir: str | Path, *, resume: b
     compile_s = compile_all(setup, params, opt_state)
     wall_start = time.perf_counter()
     if tracker.step == 0:
-        row = _evaluate(setup, params, tracker, {"train_ntp": None})
+        row = _evaluate(setup, params, tracker, {"train_ntp": None, "train_reg": None})
         runs.append_metrics(out_dir, row)
-    with Progress("train", total=_total_tokens(setup), unit="tok",
-                  interactive=None if cfg.log.progress else False) as bar:
+    with Progress("train", total=_total_tokens(setup), unit="tok", enabled=cfg.log.progress) as bar:
         bar.update(tracker.step * setup.tokens_per_step)
         params, opt_state, status, reason = _loop(setup, params, opt_state, tracker, out_dir, bar)
     summary = _summary(setup, tracker, status, reason, compile_s, time.perf_counter() - wall_start,
@@ -240,12 +238,13 @@ def _loop(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, out_dir: 
         target = tracker.step + setup.eval_every - tracker.step % setup.eval_every
         if setup.total_steps is not None:
             target = min(target, setup.total_steps)
-        params, opt_state, losses = _train_interval(setup, params, opt_state, tracker, target, bar)
-        finite = np.isfinite(losses)
+        params, opt_state, stats = _train_interval(setup, params, opt_state, tracker, target, bar)
+        finite = np.isfinite(stats["ntp"]) & np.isfinite(stats["reg"])
         if not finite.all():
-            first_bad = tracker.step - len(losses) + int(np.argmin(finite)) + 1
+            first_bad = tracker.step - len(finite) + int(np.argmin(finite)) + 1
             return params, opt_state, "failed", f"non_finite_loss at step {first_bad}"
-        row = _evaluate(setup, params, tracker, {"train_ntp": float(losses.mean())})
+        row = _evaluate(setup, params, tracker, {"train_ntp": float(stats["ntp"].mean()),
+                                                 "train_reg": float(stats["reg"].mean())})
         runs.append_metrics(out_dir, row)
         bar.update(0, loss=row["valid_ntp"])
         reason = _stop_reason(setup, tracker, row)
@@ -258,42 +257,58 @@ def _loop(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, out_dir: 
             return params, opt_state, "finished", reason
 
 
-def _train_interval(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, target: int,
-                    bar: Progress) -> tuple[Any, Any, np.ndarray]:
-    """Steps tracker.step+1 .. target (fewer if the train-time budget runs out); losses [steps]."""
+def _train_interval(setup: Setup, trainable: Any, opt_state: Any, tracker: Tracker, target: int,
+                    bar: Progress) -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """Steps tracker.step+1 .. target (fewer if the train-time budget runs out).
+
+    Returns per-step {"ntp": [steps], "reg": [steps]}. Train time includes preparing batches and
+    sampling self-generated replay rows (also counted apart as sample_time_s).
+    """
     step_fn = setup.compiled["step"]
     budget = setup.cfg.stop.train_time_s
-    losses = []
+    no_replay = np.zeros((0, setup.cfg.data.T), np.int32)
+    sampled_before = setup.replay.sample_time_s if setup.replay else 0.0
+    stats = []
     start = time.perf_counter()
     while tracker.step < target:
         batch = setup.batcher.batch(tracker.step)
-        params, opt_state, loss = step_fn(params, opt_state, batch)
-        losses.append(loss)
+        replay = setup.replay.batch(tracker.step) if setup.replay_rows else no_replay
+        trainable, opt_state, out = step_fn(trainable, opt_state, setup.ctx, batch, replay)
+        stats.append(out)
         tracker.step += 1
         bar.update(setup.tokens_per_step)
         if budget is not None:
-            loss.block_until_ready()
+            out["ntp"].block_until_ready()
             if tracker.train_time_s + time.perf_counter() - start >= budget:
                 break
-    values = np.asarray(jax.device_get(losses), dtype=np.float64)  # waits for the last step
+    values = jax.device_get(stats)  # waits for the last step
     tracker.train_time_s += time.perf_counter() - start
-    return params, opt_state, values
+    if setup.replay:
+        tracker.sample_time_s += setup.replay.sample_time_s - sampled_before
+    return trainable, opt_state, {k: np.array([v[k] for v in values], np.float64) for k in ("ntp", "reg")}
 
 
-def _evaluate(setup: Setup, params: Any, tracker: Tracker, extra: dict[str, Any]) -> dict[str, Any]:
-    """One metrics row: every eval set's losses, weight norm, timings, learning rate."""
+def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, Any]) -> dict[str, Any]:
+    """One metrics row: every eval set's losses (and KL to the parent), weight norm and drift,
+    forgetting so far, timings, learning rate."""
     start = time.perf_counter()
     row: dict[str, Any] = {"step": tracker.step, "tokens": tracker.step * setup.tokens_per_step,
                            "epoch": setup.batcher.epochs(tracker.step)}
+    params = setup.compiled["materialize"](trainable, setup.ctx)
+    teacher = setup.ctx.get("frozen")
     for name, (tokens, mask) in setup.eval_sets.items():
-        out = jax.device_get(setup.compiled[f"eval_{name}"](params, tokens, mask))
+        out = jax.device_get(setup.compiled[f"eval_{name}"](params, teacher, tokens, mask))
         row.update({f"{name}_{k}": float(v) for k, v in out.items()})
     row["weight_norm"] = float(weight_norm(params))
+    if setup.parent is not None:
+        row["drift"] = float(distance(params, teacher)) / setup.parent.init_distance
+        if setup.cfg.parent.final_valid_ntp is not None:
+            row["forgetting"] = row["prev_ntp"] - setup.cfg.parent.final_valid_ntp
     tracker.eval_time_s += time.perf_counter() - start
     lr = lr_schedule(setup.cfg.opt, math.ceil(setup.cfg.opt.warmup_tokens / setup.tokens_per_step),
                      setup.total_steps)(max(tracker.step - 1, 0))
     row.update(extra, lr=float(lr), train_time_s=tracker.train_time_s,
-               eval_time_s=tracker.eval_time_s)
+               eval_time_s=tracker.eval_time_s, sample_time_s=tracker.sample_time_s)
     row["tokens_per_s"] = row["tokens"] / tracker.train_time_s if tracker.train_time_s else None
     return row
 
@@ -317,25 +332,41 @@ def _stop_reason(setup: Setup, tracker: Tracker, row: dict[str, Any]) -> str | N
 
 
 def _initial_state(setup: Setup, out_dir: Path) -> tuple[Any, Any, Tracker]:
-    """Fresh parameters, or the state of the run's last complete checkpoint."""
+    """(trainable, optimizer state, tracker): fresh, or from the run's last complete checkpoint.
+
+    The trainable tree is the full parameters (initialised, or copied from the parent), or the
+    LoRA adapters of a LoRA run. Finetuning starts a fresh optimizer and warm-up.
+    """
     root = jax.random.key(setup.cfg.run.seed)
-    _, params = model_lib.init_model(setup.cfg.model, key=jax.random.fold_in(root, KEY_MODEL))
-    opt_state = setup.optimizer.init(params)
+    if setup.parent is None:
+        _, params = model_lib.init_model(setup.cfg.model, key=jax.random.fold_in(root, KEY_MODEL))
+    else:
+        params = jax.tree.map(jnp.copy, setup.parent.params)  # the parent stays intact: donation
+    trainable = (lora_lib.init_adapters(params, setup.cfg.lora.rank, key=jax.random.fold_in(root, KEY_LORA))
+                 if setup.lora else params)
+    opt_state = setup.optimizer.init(trainable)
     if checkpoint.latest(out_dir / runs.CHECKPOINT) is None:
         runs.truncate_metrics(out_dir, -1)
-        return params, opt_state, Tracker()
-    (params, opt_state), meta = checkpoint.load(out_dir / runs.CHECKPOINT, (params, opt_state))
+        return trainable, opt_state, Tracker()
+    template = {"params": params, "opt_state": opt_state, **({"lora": trainable} if setup.lora else {})}
+    stored, meta = checkpoint.load(out_dir / runs.CHECKPOINT, template)
     tracker = Tracker(**meta["tracker"])
     runs.truncate_metrics(out_dir, tracker.step)
-    return jax.device_put(params), jax.device_put(opt_state), tracker
+    trainable = stored["lora"] if setup.lora else stored["params"]
+    return jax.device_put(trainable), jax.device_put(stored["opt_state"]), tracker
 
 
-def _save(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, out_dir: Path) -> None:
+def _save(setup: Setup, trainable: Any, opt_state: Any, tracker: Tracker, out_dir: Path) -> None:
+    """Checkpoint: full params (merged for LoRA, so any run can be a parent), optimizer state,
+    the adapters of a LoRA run, and the tracker (step = data position, timings, best loss)."""
     meta = {"tracker": vars(tracker), "seed": setup.cfg.run.seed,
             "split_seed": setup.cfg.data.split_seed,
             "data_position": {"step": tracker.step,
                               "rows_consumed": tracker.step * setup.batcher.batch_size}}
-    checkpoint.save(out_dir / runs.CHECKPOINT, (params, opt_state), meta)
+    tree = {"params": setup.compiled["materialize"](trainable, setup.ctx), "opt_state": opt_state}
+    if setup.lora:
+        tree["lora"] = trainable
+    checkpoint.save(out_dir / runs.CHECKPOINT, tree, meta)
 
 
 def _summary(setup: Setup, tracker: Tracker, status: str, reason: str, compile_s: float,
@@ -346,7 +377,8 @@ def _summary(setup: Setup, tracker: Tracker, status: str, reason: str, compile_s
     return {"status": status, "stop_reason": reason, "step": tracker.step, "tokens": tokens,
             "num_params": setup.num_params, "paper_num_params": paper_n,
             "tokens_per_param": tokens / paper_n, "train_time_s": tracker.train_time_s,
-            "eval_time_s": tracker.eval_time_s, "compile_time_s": compile_s,
+            "eval_time_s": tracker.eval_time_s, "sample_time_s": tracker.sample_time_s,
+            "compile_time_s": compile_s,
             "wall_time_s_this_session": wall_s,
             "tokens_per_s": tokens / tracker.train_time_s if tracker.train_time_s else None,
             "best_valid_ntp": tracker.best_valid if math.isfinite(tracker.best_valid) else None,

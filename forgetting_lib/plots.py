@@ -1,0 +1,38 @@
+"""Pure plotting functions: a tidy DataFrame (from `runs.load_runs`) in, a plotly Figure out.
+
+`save` writes a figure as self-contained HTML (viewable offline) and, where a static-image engine
+is installed (kaleido with a Chromium), as PNG too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+
+def loss_curves(df: pd.DataFrame, *, y: str = "valid_ntp", x: str = "tokens",
+                title: str = "Validation loss") -> go.Figure:
+    """One line per run: `y` (nats/token) against `x` (tokens by default)."""
+    fig = go.Figure()
+    for run, frame in df.groupby("run", sort=False):
+        frame = frame.dropna(subset=[y]).sort_values(x)
+        fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=str(run)))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=f"{y} (nats/token)",
+                      template="plotly_white", legend_title="run")
+    return fig
+
+
+def save(fig: go.Figure, path: str | Path) -> list[Path]:
+    """Write `path` (.html) and, if a static engine is available, the same name as .png."""
+    path = Path(path).with_suffix(".html")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(path, include_plotlyjs=True)
+    written = [path]
+    try:
+        fig.write_image(path.with_suffix(".png"), width=900, height=500)
+        written.append(path.with_suffix(".png"))
+    except Exception:  # noqa: BLE001 - no kaleido/Chromium: HTML alone is the figure
+        pass
+    return written

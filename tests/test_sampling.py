@@ -1,0 +1,144 @@
+"""Sampler invariants on a tiny model: prompt kept, determinism, cache path = full forward,
+temperature limits, EOS padding, the sampled distribution, and one trace per shape."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from forgetting_lib import sampling
+from forgetting_lib.config import ModelConfig
+from forgetting_lib.model import abstract_params, make_forward
+from forgetting_lib.sampling import make_sampler, sample_from_id
+
+CFG = ModelConfig(D=32, L=2, H=16, V=64, dtype="float32")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def strict_promotion():
+    """Every sampler call runs with strict dtype promotion: implicit casts are errors."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Tiny model with weights N(0, (3 / sqrt(D))^2): logits ~3x the usual init, so next-token
+    distributions are far from uniform. Drawn with numpy (jitting the init costs ~3 s here)."""
+    graphdef, shapes = abstract_params(CFG)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 3 * CFG.D**-0.5, s.shape), s.dtype),
+                          shapes)
+    return graphdef, params
+
+
+@pytest.fixture(scope="module")
+def free(model):
+    """The replay sampler (temperature 1, never stops), shared so it compiles once."""
+    return make_sampler(model[0], length=16)
+
+
+@pytest.fixture(scope="module")
+def greedy_rows(model):
+    graphdef, params = model
+    return make_sampler(graphdef, length=12, temperature=0.0)(params, prompt(4, 3), jax.random.key(0))
+
+
+def prompt(B: int, P: int, seed: int = 0) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (B, P), 0, CFG.V, jnp.int32)  # [B, P]
+
+
+def test_shape_dtype_and_prompt_kept(model, free):
+    _, params = model
+    x = prompt(64, 1)
+    rows = free(params, x, jax.random.key(0))
+    assert rows.shape == (64, 16) and rows.dtype == jnp.int32
+    np.testing.assert_array_equal(rows[:, :1], x)
+    assert int(rows.min()) >= 0 and int(rows.max()) < CFG.V
+    replay = sample_from_id(free, params, 7, 64, jax.random.key(0))
+    assert replay.shape == (64, 16) and bool(jnp.all(replay[:, 0] == 7))
+
+
+def test_deterministic_for_a_key(model, free):
+    _, params = model
+    x = prompt(64, 1)
+    a, b = free(params, x, jax.random.key(3)), free(params, x, jax.random.key(3))
+    c = free(params, x, jax.random.key(4))
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.mean(a[:, 1:] != c[:, 1:])) > 0.5
+
+
+def test_greedy_cache_equals_full_forward_loop(model, greedy_rows):
+    graphdef, params = model
+    forward = jax.jit(make_forward(graphdef))
+    rows = prompt(4, 3)
+    for t in range(3, 12):  # re-run the full forward on the prefix at every step, no cache
+        prefix = jnp.pad(rows, ((0, 0), (0, 12 - t)))  # [B, 12]: causal, so padding is unseen
+        nxt = jnp.argmax(forward(params, prefix)[:, t - 1], axis=-1).astype(jnp.int32)  # [B]
+        rows = jnp.concatenate([rows, nxt[:, None]], axis=1)  # [B, t + 1]
+    np.testing.assert_array_equal(greedy_rows, rows)
+
+
+def test_low_temperature_is_greedy(model, greedy_rows):
+    graphdef, params = model
+    cold = make_sampler(graphdef, length=12, temperature=1e-6)(params, prompt(4, 3), jax.random.key(9))
+    np.testing.assert_array_equal(greedy_rows, cold)
+
+
+def test_stop_at_eos_pads_after_first_eos(model, free):
+    graphdef, params = model
+    eos, length = 5, 16
+    x = jnp.where(prompt(64, 1, seed=7) == eos, eos + 1, prompt(64, 1, seed=7))  # no EOS prompts
+    key = jax.random.key(11)
+    rows = np.asarray(free(params, x, key))
+    stopped = np.asarray(make_sampler(graphdef, length=length, eos_id=eos, stop_at_eos=True)(
+        params, x, key))
+    is_eos = rows == eos
+    first = np.where(is_eos.any(1), is_eos.argmax(1), length)  # [B]
+    assert 0 < (first < length - 1).sum() < len(first)  # some rows stop mid-row, some never
+    expected = np.where(np.arange(length)[None] > first[:, None], eos, rows)
+    np.testing.assert_array_equal(stopped, expected)
+    assert int((rows[first < length - 1] != eos).sum()) > 0  # the default really does not stop
+
+
+def test_sampled_distribution_matches_softmax(model):
+    graphdef, params = model
+    n, P = 16_384, 4
+    x = jnp.tile(prompt(1, P, seed=8), (n, 1))  # [n, P]: one prefix, n continuations
+    rows = make_sampler(graphdef, length=P + 1)(params, x, jax.random.key(2))
+    freqs = np.bincount(np.asarray(rows[:, P]), minlength=CFG.V) / n
+    probs = np.asarray(jax.nn.softmax(jax.jit(make_forward(graphdef))(params, x[:1])[0, -1]))
+    assert 0.5 * np.abs(probs - 1 / CFG.V).sum() > 0.3  # the target is far from uniform
+    assert 0.5 * np.abs(freqs - probs).sum() < 0.04  # total variation (~0.015 expected from n)
+
+
+def test_traced_once_per_shape(model, monkeypatch):
+    graphdef, params = model
+    calls = []
+
+    def counting_decode(*args):  # runs only while tracing (prefill and loop body)
+        calls.append(1)
+        return decode(*args)
+
+    decode = sampling.decode
+    monkeypatch.setattr(sampling, "decode", counting_decode)
+    sample = make_sampler(graphdef, length=10)
+    sample(params, prompt(3, 2), jax.random.key(0))
+    traced = len(calls)
+    assert traced > 0
+    for seed in range(1, 4):  # new prompts, keys and parameter values; same shapes
+        sample(jax.tree.map(lambda x: x + 0.01 * seed, params), prompt(3, 2, seed),
+               jax.random.key(seed))
+    assert len(calls) == traced
+
+
+def test_rejects_bad_settings(model):
+    graphdef, params = model
+    with pytest.raises(ValueError):
+        make_sampler(graphdef, length=8, stop_at_eos=True)
+    with pytest.raises(ValueError):
+        make_sampler(graphdef, length=8, temperature=-1.0)
+    with pytest.raises(ValueError):
+        make_sampler(graphdef, length=4)(params, prompt(2, 5), jax.random.key(0))
