@@ -86,6 +86,7 @@ class ParentConfig:
     valid_tokens: int = 0        # the parent's validation size
     seed: int = 0                # the parent's run seed (reproduces its init for weight drift)
     final_valid_ntp: float | None = None  # the parent's final validation loss (forgetting baseline)
+    dataset_token: int = -1      # the id token of the parent's data (the self-generated prompt)
 
 
 @dataclass(frozen=True)

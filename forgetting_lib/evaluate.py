@@ -45,10 +45,10 @@ def make_evaluator(hidden: Callable, with_teacher: bool = False) -> Callable:
 @jax.jit
 def weight_norm(params: Any) -> jax.Array:
     """Global L2 norm of all parameters."""
-    return optax.global_norm(params)
+    return optax.tree.norm(params)
 
 
 @jax.jit
 def distance(params: Any, reference: Any) -> jax.Array:
     """||params - reference|| over all parameters."""
-    return optax.global_norm(jax.tree.map(lambda a, b: a - b, params, reference))
+    return optax.tree.norm(jax.tree.map(lambda a, b: a - b, params, reference))

@@ -20,7 +20,7 @@ from . import checkpoint, config as config_lib, model as model_lib, runs
 KEY_MODEL = 0  # the model-init stream of a run's root key (shared with train.py)
 
 
-class FinetuneError(ValueError):
+class FinetuneError(config_lib.ConfigError):
     """The parent run cannot be used; the message names it and the fix."""
 
 
@@ -43,8 +43,9 @@ def resolve(cfg: config_lib.Config) -> config_lib.Config:
         "model.D": parent.model.D, "model.L": parent.model.L, "model.H": parent.model.H,
         "model.V": parent.model.V, "parent.data_path": parent.data.path,
         "parent.split_seed": parent.data.split_seed, "parent.T": parent.data.T,
-        "parent.valid_tokens": parent.data.valid_tokens, "parent.seed": parent.run.seed,
-        "parent.final_valid_ntp": summary["final"]["valid_ntp"]})
+        "parent.valid_tokens": parent.data.valid_tokens, "parent.seed": parent.parent.seed if parent.model.load_path else parent.run.seed,
+        "parent.final_valid_ntp": summary["final"]["valid_ntp"],
+        "parent.dataset_token": summary.get("dataset_token", -1)})
 
 
 @dataclass(frozen=True)
@@ -64,5 +65,5 @@ def load_parent(cfg: config_lib.Config) -> Parent:
     params = jax.device_put(stored["params"])
     _, init = model_lib.init_model(cfg.model, key=jax.random.fold_in(
         jax.random.key(cfg.parent.seed), KEY_MODEL))
-    distance = float(optax.global_norm(jax.tree.map(lambda a, b: a - b, params, init)))
+    distance = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, params, init)))
     return Parent(path=path, params=params, init_distance=distance)

@@ -14,13 +14,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .config import ConfigError
+
 # Block matrices and how many leading axes form their fan-in (see model.Block).
 FAN_IN_AXES = {"qkv": 1, "out": 2, "up": 1, "down": 1}
 
 Adapters = dict[str, dict[str, jax.Array]]  # "block.name" -> {"A": [in, r], "B": [r, out]}
 
 
-class LoraError(ValueError):
+class LoraError(ConfigError):
     """Invalid LoRA settings for this model; the message names the key."""
 
 

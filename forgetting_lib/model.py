@@ -26,7 +26,7 @@ from flax import nnx
 
 from .config import ModelConfig
 
-Cache = list[dict[str, jax.Array]]  # per block: {"k": [B, S, N, H], "v": [B, S, N, H]}
+Cache = list[dict[str, jax.Array]]  # per block: {"k": [B, N, S, H], "v": [B, N, S, H]}
 Forward = Callable[[nnx.State, jax.Array], jax.Array]
 
 
@@ -73,17 +73,22 @@ class Block(nnx.Module):
         qkv = jnp.einsum("btd,dsnh->btsnh", rms_norm(x), self.qkv[...].astype(dtype))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
         q, k = rope(rms_norm(q), positions), rope(rms_norm(k), positions)
-        if cache is not None:  # write this call's keys/values at [start, start + T)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+        if cache is None:
+            k_layout = "bsnh"
+        else:  # cache layout [B, N, S, H]: attention reads it without transposing the whole cache
+            k_layout = "bnsh"
+            at = (0, 0, start, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), at)
             cache = {"k": k, "v": v}
-        key_positions = jnp.arange(k.shape[1])  # [S]
-        scores = jnp.einsum("btnh,bsnh->bnts", q, k.astype(dtype), preferred_element_type=jnp.float32)
+        key_positions = jnp.arange(k.shape[k_layout.index("s")])  # [S]
+        scores = jnp.einsum(f"btnh,{k_layout}->bnts", q, k.astype(dtype),
+                            preferred_element_type=jnp.float32)
         scores = scores * (q.shape[-1] ** -0.5)
         causal = key_positions[None, :] <= positions[:, None]  # [T, S]
         scores = jnp.where(causal[None, None], scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, N, T, S]
-        attn = jnp.einsum("bnts,bsnh->btnh", probs, v.astype(dtype))
+        attn = jnp.einsum(f"bnts,{k_layout}->btnh", probs, v.astype(dtype))
         x = x + jnp.einsum("btnh,nhd->btd", attn, self.out[...].astype(dtype))
         h = jax.nn.gelu(jnp.einsum("btd,df->btf", rms_norm(x), self.up[...].astype(dtype)))
         x = x + jnp.einsum("btf,fd->btd", h, self.down[...].astype(dtype))
@@ -139,7 +144,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, length: int) -> Cache:
         """Empty KV cache for `batch` rows of up to `length` positions."""
         N = self.cfg.D // self.cfg.H
-        shape = (batch, length, N, self.cfg.H)  # [B, S, N, H]
+        shape = (batch, N, length, self.cfg.H)  # [B, N, S, H]
         return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
                 for _ in range(self.cfg.L)]
 

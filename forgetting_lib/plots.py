@@ -24,6 +24,30 @@ def loss_curves(df: pd.DataFrame, *, y: str = "valid_ntp", x: str = "tokens",
     return fig
 
 
+def tradeoff(df: pd.DataFrame, *, x: str = "valid_ntp", y: str = "prev_ntp",
+             title: str = "Learning the new data vs. forgetting the old") -> go.Figure:
+    """Old-data loss (y) against new-data loss (x) along each finetuning run; the start is marked.
+
+    Runs move right-to-left as they learn the new data; the lower a trajectory stays, the less
+    the run forgets.
+    """
+    fig = go.Figure()
+    for run, frame in df.groupby("run", sort=False):
+        frame = frame.sort_values("step")
+        fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=str(run),
+                                 customdata=frame[["step", "tokens"]],
+                                 hovertemplate="step %{customdata[0]}<br>tokens %{customdata[1]:,}"
+                                               "<br>new %{x:.3f}<br>old %{y:.3f}"))
+    if len(df):
+        start = df.sort_values("step").iloc[0]
+        fig.add_trace(go.Scatter(x=[start[x]], y=[start[y]], mode="markers", name="start",
+                                 marker=dict(symbol="star", size=14, color="black")))
+    fig.update_layout(title=title, xaxis_title=f"new-data loss {x} (nats/token)",
+                      yaxis_title=f"old-data loss {y} (nats/token)", template="plotly_white")
+    fig.update_xaxes(autorange="reversed")
+    return fig
+
+
 def save(fig: go.Figure, path: str | Path) -> list[Path]:
     """Write `path` (.html) and, if a static engine is available, the same name as .png."""
     path = Path(path).with_suffix(".html")

@@ -14,6 +14,10 @@ from .binarize import TokenFileError, binarize, read_token_file
 from .tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 SAMPLE = {"en": ("sample:en", 0), "es": ("sample:es", 1)}  # language -> (corpus, dataset id)
+# The three finetuning runs of the quickstart: plain, self-generated KL replay, real KL replay.
+FINETUNES = {"plain": ["reg.method=none"],
+             "kl_self": ["reg.method=kl_pre", "reg.synth=true"],
+             "kl_real": ["reg.method=kl_pre", "reg.synth=false"]}
 
 
 def prepare_sample(out: str | Path, *, vocab_size: int = 4096,
@@ -54,21 +58,41 @@ def describe_sample(prepared: dict[str, Any]) -> str:
 
 
 def run(out: str | Path = "outputs/quickstart", params: str | Path = "params/quick/pretrain.yaml",
-        overrides: list[str] | None = None) -> dict[str, Any]:
-    """Prepare the sample, pretrain on English per `params`, and plot the loss curve."""
+        overrides: list[str] | None = None,
+        finetune_params: str | Path | None = "params/quick/finetune.yaml") -> dict[str, Any]:
+    """Prepare the sample, pretrain on English, then finetune on Spanish three ways (plain,
+    self-generated KL replay, real KL replay) and plot Spanish loss against English loss."""
+    from .train import train_and_evaluate
+
     out = Path(out)
     prepared = prepare_sample(out)
     print(describe_sample(prepared), flush=True)
     cfg = config_lib.load(params, [f"data.path={prepared['paths']['en']}", *(overrides or [])])
-    from .train import train_and_evaluate
-
-    result = train_and_evaluate(cfg, out / "runs" / cfg.run.name, resume=True)
-    df = runs.load_runs(result.out_dir)
-    figures = plots.save(plots.loss_curves(df, title="Pretraining on the English sample"),
+    pretrain = train_and_evaluate(cfg, out / "runs" / cfg.run.name, resume=True)
+    figures = plots.save(plots.loss_curves(runs.load_runs(pretrain.out_dir),
+                                           title="Pretraining on the English sample"),
                          out / "figures" / "pretrain_loss.html")
-    final = result.final
-    print(f"pretrain: {result.status} ({result.stop_reason}) after {result.tokens:,} tokens; "
-          f"English valid loss {final['valid_ntp']:.3f} nats/token "
-          f"(second half of rows {final['valid_ntp_h2']:.3f}); run folder {result.out_dir}")
+    print(f"pretrain: {pretrain.status} ({pretrain.stop_reason}) after {pretrain.tokens:,} tokens; "
+          f"English valid loss {pretrain.final['valid_ntp']:.3f} nats/token", flush=True)
+    finetunes = {}
+    if finetune_params is not None:
+        for name, method in FINETUNES.items():
+            ft_cfg = config_lib.load(finetune_params, [f"model.load_path={pretrain.out_dir}",
+                                                       f"data.path={prepared['paths']['es']}", *method])
+            finetunes[name] = train_and_evaluate(ft_cfg, out / "runs" / f"finetune_es_{name}", resume=True)
+        df = runs.load_runs([r.out_dir for r in finetunes.values()])
+        figures += plots.save(plots.tradeoff(df), out / "figures" / "finetune_tradeoff.html")
+        print(describe_finetunes(finetunes))
     print("figures: " + ", ".join(str(f) for f in figures))
-    return {"prepared": prepared, "pretrain": result, "figures": figures}
+    return {"prepared": prepared, "pretrain": pretrain, "finetunes": finetunes, "figures": figures}
+
+
+def describe_finetunes(results: dict[str, Any]) -> str:
+    """Final Spanish loss, English forgetting and train time of each finetuning run."""
+    lines = [f"{'finetune':<9} {'stop':<16} {'tokens':>9} {'es loss':>8} {'en loss':>8} "
+             f"{'forgetting':>10} {'train s':>8}"]
+    for name, r in results.items():
+        f = r.final
+        lines.append(f"{name:<9} {r.stop_reason:<16} {r.tokens:>9,} {f['valid_ntp']:>8.3f} "
+                     f"{f['prev_ntp']:>8.3f} {f['forgetting']:>10.3f} {f['train_time_s']:>8.1f}")
+    return "\n".join(lines)

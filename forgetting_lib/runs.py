@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 import yaml
 
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, atomic_write_text
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint"
 
@@ -51,8 +52,6 @@ def truncate_metrics(run_dir: Path, max_step: int) -> None:
     """Keep only rows up to `max_step` (used when resuming from a checkpoint at that step)."""
     rows = [r for r in read_metrics(run_dir) if r["step"] <= max_step]
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    from .fileio import atomic_write_text
-
     atomic_write_text(Path(run_dir) / METRICS, text)
 
 
@@ -118,3 +117,30 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     return pd.concat(frames, ignore_index=True)
+
+
+def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, overwrite: bool) -> str:
+    """Make `out_dir` ready for a run of `config`: "new", "resume" (an unfinished run to continue)
+    or "finished" (resume=True on a finished run: nothing to do).
+
+    A folder that already holds a run is never reused silently: without `resume` or `overwrite`
+    it is an error, and resuming with a different config is an error that lists the differences.
+    """
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    if not (out_dir / CONFIG).exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        return "new"
+    if not resume:
+        state = "a finished" if is_finished(out_dir) else "an unfinished"
+        raise RunFolderError(f"{out_dir} already holds {state} run; pass resume=True (CLI --resume) "
+                             f"to continue it or overwrite=True (--overwrite) to start again")
+    new, old = {}, {}
+    _flatten("", config, new)
+    _flatten("", read_config(out_dir), old)
+    differ = sorted(k for k in new.keys() | old.keys() if k != "log.progress" and new.get(k) != old.get(k))
+    if differ:
+        raise RunFolderError(f"{out_dir} was started with a different config ({', '.join(differ)} "
+                             f"differ); resume with the same config or use another out_dir")
+    return "finished" if is_finished(out_dir) else "resume"

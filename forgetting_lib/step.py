@@ -72,7 +72,8 @@ def make_objective(hidden: Hidden, reg: RegConfig, materialize: Materialize = fu
         elif method == "ewc":
             reg_value = ewc_penalty(params, ctx["frozen"], ctx["fisher"])
         loss = jnp.mean(ntp)
-        total = loss + coeff * reg_value if method not in ("none", "replace") else loss
+        # coeff 0 must be plain finetuning exactly, so the unused term stays out of the graph
+        total = loss + coeff * reg_value if method not in ("none", "replace") and coeff else loss
         return total, (loss, reg_value)
     return objective
 
@@ -128,7 +129,7 @@ def auto_microbatches(batch_size: int, T: int, rows: int = 0, replay_rows: int =
     elif jax.default_backend() != "cpu":
         count = 1
     else:
-        per_slice = max(1, math.ceil(512 / T))
+        per_slice = min(batch_size, max(1, math.ceil(512 / T)))
         while batch_size % per_slice:
             per_slice += 1
         count = batch_size // per_slice

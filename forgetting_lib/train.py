@@ -10,28 +10,22 @@ patience, non-finite loss). Everything a resumed run needs is in the checkpoint.
 from __future__ import annotations
 
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pandas as pd
 
-from . import checkpoint, config as config_lib, data as data_lib, lora as lora_lib, model as model_lib
-from . import replay as replay_lib, runs, runtime
-from .evaluate import distance, make_evaluator, weight_norm
-from .finetune import KEY_MODEL, Parent, load_parent, resolve
+from . import checkpoint, config as config_lib, lora as lora_lib, model as model_lib, runs, runtime
+from .assemble import KEY_LORA, Setup, build_setup, compile_all
+from .evaluate import distance, weight_norm
+from .finetune import KEY_MODEL, resolve
 from .progress import Progress
-from .step import (auto_microbatches, full_params, lr_schedule, make_objective, make_optimizer,
-                   make_train_step)
-
-# Named streams of the run's root key (see STYLE: one root key, split by name).
-KEY_REPLAY, KEY_LORA = 2, 3
+from .step import lr_schedule
 
 
 @dataclass(frozen=True)
@@ -59,146 +53,6 @@ class Tracker:
     sample_time_s: float = 0.0
     best_valid: float = math.inf
     evals_since_best: int = 0
-
-
-@dataclass
-class Setup:
-    """Everything static about a run, built once before the loop."""
-
-    cfg: config_lib.Config
-    graphdef: Any
-    optimizer: optax.GradientTransformation
-    batcher: data_lib.Batcher
-    eval_sets: dict[str, tuple[jax.Array, jax.Array]]  # name -> ([nb, Be, T] tokens, [nb, Be] mask)
-    tokens_per_step: int
-    total_steps: int | None
-    eval_every: int            # steps between evaluations
-    checkpoint_every: int | None  # steps between checkpoints (None: only at the end)
-    num_params: int
-    parent: Parent | None = None
-    replay: replay_lib.RealReplay | replay_lib.SelfGeneratedReplay | None = None
-    replay_rows: int = 0       # rows drawn from `replay` each step
-    ctx: dict[str, Any] = field(default_factory=dict)  # frozen parent / Fisher for the step
-    compiled: dict[str, Callable] = field(default_factory=dict)
-
-    @property
-    def lora(self) -> bool:
-        return self.cfg.lora.rank > 0
-
-    def materialize(self, trainable: Any) -> Any:
-        """Full parameters from the trainable tree (LoRA: merged into the frozen parent)."""
-        return lora_lib.merge(self.ctx["frozen"], trainable) if self.lora else trainable
-
-
-def auto_eval_rows(T: int) -> int:
-    """Evaluation rows per scan step: ~1K tokens on a CPU (cache-resident; measured fastest for
-    the tutorial model, 20% faster than 16K tokens), 64K tokens on accelerators."""
-    return max(1, (1024 if jax.default_backend() == "cpu" else 65536) // T)
-
-
-def total_steps_for(cfg: config_lib.Config, tokens_per_step: int, rows_per_epoch_step: float
-                    ) -> int | None:
-    """Training length in steps from whichever length rule is set (None: run until another rule)."""
-    s = cfg.stop
-    if s.num_tokens_train is not None:
-        return max(1, math.ceil(s.num_tokens_train / tokens_per_step))
-    if s.tokens_per_param is not None:
-        n = model_lib.paper_param_count(cfg.model)
-        return max(1, math.ceil(s.tokens_per_param * n / tokens_per_step))
-    if s.num_epochs is not None:
-        return max(1, math.ceil(s.num_epochs / rows_per_epoch_step))
-    return None
-
-
-def build_setup(cfg: config_lib.Config) -> Setup:
-    """Open the data, size the run, and build (not yet compile) the model and optimizer."""
-    d, m, r = cfg.data, cfg.model, cfg.reg
-    replace_rows = math.floor(r.coeff * d.batch_size) if r.method == "replace" else 0
-    new_rows = d.batch_size - replace_rows  # rows of each batch from the (new) training data
-    mix_rows = data_lib.mix_row_count(new_rows, cfg.mix.fraction)
-    main = data_lib.open_rows(d.path, T=d.T, valid_tokens=d.valid_tokens, split_seed=d.split_seed,
-                              vocab_size=m.V, min_train_rows=new_rows - mix_rows)
-    eval_rows = d.eval_batch_size or auto_eval_rows(d.T)
-    eval_sets = {"valid": data_lib.eval_batches(main, eval_rows)}
-    mix = None
-    if mix_rows:
-        mix = data_lib.open_rows(cfg.mix.path, T=d.T, valid_tokens=cfg.mix.valid_tokens,
-                                 split_seed=d.split_seed, vocab_size=m.V, min_train_rows=mix_rows)
-        if cfg.mix.valid_tokens > 0:
-            eval_sets["mix"] = data_lib.eval_batches(mix, eval_rows)
-    tokens_per_step = d.batch_size * d.T
-    total = total_steps_for(cfg, tokens_per_step, (new_rows - mix_rows) / len(main.train_rows))
-    warmup_steps = math.ceil(cfg.opt.warmup_tokens / tokens_per_step)
-    ckpt = cfg.log.checkpoint_every_tokens
-    setup = Setup(cfg=cfg, graphdef=model_lib.abstract_params(m)[0],
-                  optimizer=make_optimizer(cfg.opt, warmup_steps, total),
-                  batcher=data_lib.Batcher(main, new_rows, cfg.run.seed, mix, mix_rows),
-                  eval_sets=eval_sets, tokens_per_step=tokens_per_step, total_steps=total,
-                  eval_every=max(1, round(cfg.log.every_tokens / tokens_per_step)),
-                  checkpoint_every=None if ckpt is None else max(1, round(ckpt / tokens_per_step)),
-                  num_params=model_lib.param_formula(m))
-    if m.load_path:
-        _attach_parent(setup, eval_rows, replace_rows)
-    setup.eval_sets = {k: (jnp.asarray(t), jnp.asarray(msk)) for k, (t, msk) in setup.eval_sets.items()}
-    return setup
-
-
-def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
-    """Finetuning: the frozen parent, its validation rows as `prev`, the replay source, the Fisher."""
-    cfg, p, r = setup.cfg, setup.cfg.parent, setup.cfg.reg
-    setup.parent = load_parent(cfg)
-    setup.ctx["frozen"] = setup.parent.params
-    try:
-        prev = data_lib.open_rows(p.data_path, T=p.T, valid_tokens=p.valid_tokens,
-                                  split_seed=p.split_seed, vocab_size=cfg.model.V, min_train_rows=0)
-    except (data_lib.DataError, ValueError) as err:
-        hint = " (self-generated replay, reg.synth=true, needs no old data)" if not r.synth else ""
-        raise data_lib.DataError(f"the parent's training data {p.data_path} is needed for the "
-                                 f"`prev` (old-data) evaluation{hint}: {err}") from err
-    setup.eval_sets["prev"] = data_lib.eval_batches(prev, eval_rows)
-    if r.method == "replace":
-        setup.replay_rows = replace_rows
-    elif r.method in ("ntp_pre", "kl_pre"):
-        setup.replay_rows = r.replay_batch_size or cfg.data.batch_size
-    source_rows = setup.replay_rows or r.replay_batch_size or cfg.data.batch_size
-    if setup.replay_rows == 0 and r.method != "ewc":
-        return
-    if r.synth:
-        setup.replay = replay_lib.SelfGeneratedReplay(
-            setup.graphdef, setup.parent.params, prev.dataset_token, source_rows, cfg.data.T,
-            r.buffer, jax.random.fold_in(jax.random.key(cfg.run.seed), KEY_REPLAY), r.temperature)
-    else:
-        if len(prev.train_rows) < source_rows:
-            raise data_lib.DataError(f"{p.data_path}: the parent's train split has "
-                                     f"{len(prev.train_rows)} rows, fewer than the {source_rows} replay "
-                                     f"rows per step; lower reg.replay_batch_size or use reg.synth=true")
-        setup.replay = replay_lib.RealReplay(prev, source_rows, cfg.run.seed)
-    if r.method == "ewc":
-        batches = [setup.replay.batch(i) for i in range(r.fisher_batches)]
-        setup.ctx["fisher"] = replay_lib.diagonal_fisher(
-            model_lib.make_hidden(setup.graphdef), setup.parent.params, batches)
-
-
-def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
-    """Ahead-of-time compile the train step and evaluators; returns compile seconds."""
-    start = time.perf_counter()
-    hidden = model_lib.make_hidden(setup.graphdef)
-    d, r = setup.cfg.data, setup.cfg.reg
-    new = jax.ShapeDtypeStruct((setup.batcher.batch_size, d.T), jnp.int32)
-    replay = jax.ShapeDtypeStruct((setup.replay_rows, d.T), jnp.int32)
-    replace = r.method == "replace"
-    micro = auto_microbatches(d.batch_size, d.T, d.microbatch_rows, 0 if replace else setup.replay_rows)
-    materialize = (lambda tr, ctx: lora_lib.merge(ctx["frozen"], tr)) if setup.lora else full_params
-    objective = make_objective(hidden, r, materialize)
-    setup.compiled["step"] = make_train_step(objective, setup.optimizer, micro, replace).lower(
-        trainable, opt_state, setup.ctx, new, replay).compile()
-    setup.compiled["materialize"] = jax.jit(materialize)
-    teacher = setup.ctx.get("frozen")
-    evaluator = make_evaluator(hidden, with_teacher=teacher is not None)
-    params = jax.eval_shape(materialize, trainable, setup.ctx)
-    for name, (tokens, mask) in setup.eval_sets.items():
-        setup.compiled[f"eval_{name}"] = evaluator.lower(params, teacher, tokens, mask).compile()
-    return time.perf_counter() - start
 
 
 def train_and_evaluate(cfg: config_lib.Config, out_dir: str | Path, *, resume: bool = False,
@@ -302,7 +156,7 @@ def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, A
     row["weight_norm"] = float(weight_norm(params))
     if setup.parent is not None:
         row["drift"] = float(distance(params, teacher)) / setup.parent.init_distance
-        if setup.cfg.parent.final_valid_ntp is not None:
+        if setup.cfg.parent.final_valid_ntp is not None and "prev_ntp" in row:
             row["forgetting"] = row["prev_ntp"] - setup.cfg.parent.final_valid_ntp
     tracker.eval_time_s += time.perf_counter() - start
     lr = lr_schedule(setup.cfg.opt, math.ceil(setup.cfg.opt.warmup_tokens / setup.tokens_per_step),
@@ -381,6 +235,7 @@ def _summary(setup: Setup, tracker: Tracker, status: str, reason: str, compile_s
             "compile_time_s": compile_s,
             "wall_time_s_this_session": wall_s,
             "tokens_per_s": tokens / tracker.train_time_s if tracker.train_time_s else None,
+            "dataset_token": setup.batcher.main.dataset_token,
             "best_valid_ntp": tracker.best_valid if math.isfinite(tracker.best_valid) else None,
             "final": rows[-1] if rows else {},
             "checkpoint": str(out_dir / runs.CHECKPOINT)}
@@ -388,33 +243,10 @@ def _summary(setup: Setup, tracker: Tracker, status: str, reason: str, compile_s
 
 def _prepare_run_dir(cfg: config_lib.Config, out_dir: Path, *, resume: bool, overwrite: bool
                      ) -> RunResult | None:
-    """Create the run folder, or check that resuming it is safe; a finished run is returned as is."""
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    if (out_dir / runs.CONFIG).exists():
-        if not resume:
-            state = "a finished" if runs.is_finished(out_dir) else "an unfinished"
-            raise runs.RunFolderError(f"{out_dir} already holds {state} run; pass resume=True "
-                                      f"(CLI --resume) to continue it or overwrite=True (--overwrite) "
-                                      f"to start again")
-        _check_same_config(cfg, out_dir)
-        summary = runs.read_summary(out_dir)
-        if summary is not None and summary.get("status") == "finished":
-            return RunResult(out_dir, "finished", summary["stop_reason"], summary["step"],
-                             summary["tokens"], summary["final"])
+    """Create or check the run folder; a finished run being resumed is returned as it is."""
+    state = runs.prepare_run_dir(cfg.to_dict(), out_dir, resume=resume, overwrite=overwrite)
+    if state != "finished":
         return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, out_dir / runs.CONFIG)
-    return None
-
-
-def _check_same_config(cfg: config_lib.Config, out_dir: Path) -> None:
-    flat_new: dict[str, Any] = {}
-    flat_old: dict[str, Any] = {}
-    runs._flatten("", cfg.to_dict(), flat_new)
-    runs._flatten("", runs.read_config(out_dir), flat_old)
-    differ = sorted(k for k in flat_new.keys() | flat_old.keys()
-                    if k != "log.progress" and flat_new.get(k) != flat_old.get(k))
-    if differ:
-        raise runs.RunFolderError(f"{out_dir} was started with a different config ({', '.join(differ)}"
-                                  f" differ); resume with the same config or use another out_dir")
+    summary = runs.read_summary(out_dir)
+    return RunResult(out_dir, "finished", summary["stop_reason"], summary["step"],
+                     summary["tokens"], summary["final"])
