@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,10 @@ def save(directory: str | Path, tree: Any, meta: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     atomic_write_json(tmp / META, {**meta, "num_arrays": len(arrays)})
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
+    if directory.exists():  # `directory` is complete, so an older `.old` is stale
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
-    os.replace(tmp, directory)
+    os.replace(tmp, directory)  # only now is any `.old` (a cut swap's survivor) redundant
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -75,19 +76,20 @@ def load(directory: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
         raise CheckpointError(f"no complete checkpoint in {directory}; the run never reached its "
                               f"first checkpoint: start it again without resuming")
     meta = json.loads((found / META).read_text())
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     try:
-        stored = np.load(found / ARRAYS)
-    except (OSError, ValueError) as err:
+        with np.load(found / ARRAYS) as stored:
+            arrays = {k: stored[k] for k in (jax.tree_util.keystr(p) for p, _ in paths) if k in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{found / ARRAYS} is unreadable ({err}); delete the run folder and "
                               f"rerun") from err
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
     for path, like in paths:
         key = jax.tree_util.keystr(path)
-        if key not in stored.files:
+        if key not in arrays:
             raise CheckpointError(f"{found}: has no array {key}; it was written for another model "
                                   f"or optimizer configuration")
-        value = stored[key]
+        value = arrays[key]
         if value.shape != tuple(like.shape) or value.dtype != like.dtype:
             raise CheckpointError(f"{found}: {key} is {value.dtype}{list(value.shape)} but the "
                                   f"model expects {like.dtype}{list(like.shape)}; check model.*")

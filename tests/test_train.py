@@ -321,11 +321,6 @@ def test_resume_after_the_final_checkpoint_but_before_the_summary(base_run, tmp_
     assert losses_only(runs.read_metrics(copy)) == losses_only(runs.read_metrics(out))
 
 
-test_resume_after_the_final_checkpoint_but_before_the_summary = pytest.mark.xfail(
-    strict=True, reason="train._loop runs an empty interval when the checkpoint is already at "
-    "total_steps: it appends a second row for the last step (train_ntp = mean of no losses = NaN)"
-)(test_resume_after_the_final_checkpoint_but_before_the_summary)
-
 
 def test_resume_before_the_first_checkpoint_starts_over(base_run, tmp_path):
     cfg, out, _ = base_run
