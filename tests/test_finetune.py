@@ -9,7 +9,6 @@ finetuning run is 16 steps of 8 rows and is written once and shared by the tests
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 
@@ -30,7 +29,7 @@ from forgetting_lib.sampling import sample_from_id
 from forgetting_lib.step import auto_microbatches
 from forgetting_lib.train import train_and_evaluate
 
-from finetune_fixtures import (B, FT_STEPS, NEW_TOKEN, OLD_TOKEN, PARENT_SEED, PARENT_SPLIT_SEED,
+from finetune_fixtures import (B, FT_STEPS, OLD_TOKEN, PARENT_SEED, PARENT_SPLIT_SEED,
                                PARENT_VALID_TOKENS, T, V, successor_map, world)  # noqa: F401
 
 # Every metric that is a function of the parameters and data (not of timing).
