@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +58,12 @@ class Tracker:
 
 
 def train_and_evaluate(cfg: config_lib.Config, out_dir: str | Path, *, resume: bool = False,
-                       overwrite: bool = False) -> RunResult:
-    """Train per `cfg`, writing the run folder `out_dir`; see the module docstring."""
+                       overwrite: bool = False,
+                       on_eval: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Train per `cfg`, writing the run folder `out_dir`; see the module docstring.
+
+    `on_eval(row)` is called with every metrics row as it is written (e.g. to update a live plot).
+    """
     runtime.configure()
     out_dir = Path(out_dir)
     cfg = resolve(cfg)  # a finetuning run reads its architecture and parent split from the parent
@@ -73,9 +77,12 @@ def train_and_evaluate(cfg: config_lib.Config, out_dir: str | Path, *, resume: b
     if tracker.step == 0:
         row = _evaluate(setup, params, tracker, {"train_ntp": None, "train_reg": None})
         runs.append_metrics(out_dir, row)
+        if on_eval is not None:
+            on_eval(row)
     with Progress("train", total=_total_tokens(setup), unit="tok", enabled=cfg.log.progress) as bar:
         bar.update(tracker.step * setup.tokens_per_step)
-        params, opt_state, status, reason = _loop(setup, params, opt_state, tracker, out_dir, bar)
+        params, opt_state, status, reason = _loop(setup, params, opt_state, tracker, out_dir, bar,
+                                                  on_eval)
     summary = _summary(setup, tracker, status, reason, compile_s, time.perf_counter() - wall_start,
                        out_dir)
     runs.write_summary(out_dir, summary)
@@ -88,7 +95,8 @@ def _total_tokens(setup: Setup) -> int | None:
 
 
 def _loop(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, out_dir: Path,
-          bar: Progress) -> tuple[Any, Any, str, str]:
+          bar: Progress, on_eval: Callable[[dict[str, Any]], None] | None
+          ) -> tuple[Any, Any, str, str]:
     """Train/evaluate intervals until a stop rule fires; returns the final state and why it ended."""
     if setup.total_steps is not None and tracker.step >= setup.total_steps:
         # resumed from the final checkpoint (killed before the summary): nothing left to train
@@ -105,6 +113,8 @@ def _loop(setup: Setup, params: Any, opt_state: Any, tracker: Tracker, out_dir: 
         row = _evaluate(setup, params, tracker, {"train_ntp": float(stats["ntp"].mean()),
                                                  "train_reg": float(stats["reg"].mean())})
         runs.append_metrics(out_dir, row)
+        if on_eval is not None:
+            on_eval(row)
         bar.update(0, loss=row["valid_ntp"])
         reason = _stop_reason(setup, tracker, row)
         if reason is None and not math.isfinite(row["valid_ntp"]):
