@@ -24,6 +24,8 @@ test: setup
 bench: setup
 	$(BIN)/python -m benchmarks.tokenize
 	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.replay_overhead
+	$(BIN)/python -m benchmarks.sampling
 
 clean:
 	rm -rf outputs/quickstart

@@ -1,7 +1,7 @@
 """Self-generated replay throughput: sampled tokens per second of `make_sampler` (KV cache,
 temperature 1, prompt = one dataset-id token, T - 1 sampled tokens per row).
 
-    python benchmarks/sampling.py [--sizes tutorial32,tutorial128,default64] [--dtypes float32,bfloat16]
+    python -m benchmarks.sampling [--sizes tutorial32,tutorial128,default64] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations

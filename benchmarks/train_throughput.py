@@ -4,7 +4,7 @@ Prints, per model size: tokens/s, model FLOPs per token (6 N + 12 L T D), achiev
 that as a fraction of a 2048x2048 f32 `jnp.dot` timed here (and of the GPU's bf16 peak when one is
 present). Also the evaluation share of a tutorial-scale run's wall time.
 
-    python benchmarks/train_throughput.py [--sizes tutorial,default] [--dtype float32|bfloat16]
+    python -m benchmarks.train_throughput [--sizes tutorial,default] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 
 from forgetting_lib import config as config_lib, model as model_lib, runtime
 from forgetting_lib.evaluate import make_evaluator
-from forgetting_lib.train import auto_eval_rows, auto_microbatches, make_optimizer, make_train_step
+from forgetting_lib.assemble import auto_eval_rows
+from forgetting_lib.step import auto_microbatches, make_objective, make_optimizer, make_train_step
 
 SIZES = {  # name: (D, L, H, T, batch)
     "tutorial": (128, 4, 32, 128, 32),
@@ -43,17 +44,18 @@ def time_train_step(cfg: config_lib.ModelConfig, T: int, batch: int, steps: int)
     graphdef, params = model_lib.init_model(cfg, key=jax.random.key(0))
     optimizer = make_optimizer(config_lib.OptConfig(warmup_tokens=0), 0, None)
     opt_state = optimizer.init(params)
-    step = make_train_step(model_lib.make_hidden(graphdef), optimizer,
-                           auto_microbatches(batch, T))
+    objective = make_objective(model_lib.make_hidden(graphdef), config_lib.RegConfig())
+    step = make_train_step(objective, optimizer, auto_microbatches(batch, T))
+    no_replay = np.zeros((0, T), np.int32)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, cfg.V, (batch, T), dtype=np.int32) for _ in range(4)]
     for i in range(3):  # compile + warm up
-        params, opt_state, loss = step(params, opt_state, batches[i % 4])
-    loss.block_until_ready()
+        params, opt_state, out = step(params, opt_state, {}, batches[i % 4], no_replay)
+    out["ntp"].block_until_ready()
     start = time.perf_counter()
     for i in range(steps):
-        params, opt_state, loss = step(params, opt_state, batches[i % 4])
-    loss.block_until_ready()
+        params, opt_state, out = step(params, opt_state, {}, batches[i % 4], no_replay)
+    out["ntp"].block_until_ready()
     return (time.perf_counter() - start) / steps
 
 
@@ -64,9 +66,9 @@ def time_eval_tokens(cfg: config_lib.ModelConfig, T: int, eval_batch: int, token
     data = jnp.asarray(np.random.default_rng(0).integers(0, cfg.V, (nb, eval_batch, T), dtype=np.int32))
     mask = jnp.ones((nb, eval_batch), jnp.float32)
     evaluate = make_evaluator(model_lib.make_hidden(graphdef))
-    jax.block_until_ready(evaluate(params, data, mask))
+    jax.block_until_ready(evaluate(params, None, data, mask))
     start = time.perf_counter()
-    jax.block_until_ready(evaluate(params, data, mask))
+    jax.block_until_ready(evaluate(params, None, data, mask))
     return time.perf_counter() - start
 
 

@@ -16,11 +16,13 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .corpora import CorpusError
 from .data import DataError
+from .notebooks import NotebookError
 from .runs import RunFolderError
 from .tokenizer import TokenizerError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CorpusError, TokenizerError, TokenFileError,
-                                            ConfigError, DataError, RunFolderError, CheckpointError)
+                                            ConfigError, DataError, RunFolderError, CheckpointError,
+                                            NotebookError)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -58,10 +60,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    """The main job on the built-in sample (see forgetting_lib.quickstart)."""
+    """The walkthrough notebooks 01-04 on the built-in sample (see forgetting_lib.quickstart)."""
     from . import quickstart
 
-    quickstart.run(args.out, args.params, args.overrides)
+    quickstart.run(args.out, args.params_dir, args.notebooks or None)
+
+
+def cmd_notebook(args: argparse.Namespace) -> None:
+    """Execute one notebook with papermill and a parameter file."""
+    from .notebooks import run_notebook
+
+    print(run_notebook(args.notebook, args.parameters, args.out, stream_output=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,11 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete --out and start again")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("quickstart", help="tokenizer, token files and a pretraining run on the sample")
-    p.add_argument("--out", default="outputs/quickstart")
-    p.add_argument("--params", default="params/quick/pretrain.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for the pretraining run")
+    p = sub.add_parser("quickstart", help="run notebooks 01-04 (tokenizer, token files, pretraining, "
+                                          "finetuning with replay) on the built-in sample")
+    p.add_argument("notebooks", nargs="*", help="only these notebooks, e.g. 03_pretrain (default: all)")
+    p.add_argument("--out", default="outputs/quickstart", help="executed notebooks go to OUT/notebooks")
+    p.add_argument("--params-dir", default="params/quick",
+                   help="folder of <notebook>.yaml parameter files (they say where artefacts go)")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("notebook", help="execute one notebook with papermill")
+    p.add_argument("notebook", help="name (03_pretrain) or path of the notebook")
+    p.add_argument("-f", "--parameters", help="YAML parameter file, e.g. params/paper/03_pretrain.yaml")
+    p.add_argument("--out", required=True, help="folder for the executed notebook")
+    p.set_defaults(func=cmd_notebook)
     return parser
 
 

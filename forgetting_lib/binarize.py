@@ -161,3 +161,28 @@ def read_token_file(path: str | Path, *,
             "re-binarize it with the right tokenizer (python -m forgetting_lib binarize --tokenizer ...)")
     tokens = np.memmap(path, dtype="<u2", mode="r", shape=(meta["num_tokens"],))
     return tokens, meta
+
+
+def binarize_or_reuse(corpus: str, tokenizer: Tokenizer | str | Path, out_path: str | Path, *,
+                      dataset_id: int, max_tokens: int | None = None) -> dict:
+    """The sidecar of `out_path` if it is a finished token file of `corpus` (same dataset id,
+    token limit and tokenizer), else `binarize` it afresh (notebooks and the quickstart call this,
+    so rerunning them reuses the work)."""
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    try:
+        _, meta = read_token_file(out_path, expected_fingerprint=tok.fingerprint)
+        if (meta["corpus"], meta["dataset_id"], meta["max_tokens"]) == (corpus, dataset_id, max_tokens):
+            return meta
+    except TokenFileError:
+        pass
+    return binarize(corpus, tok, out_path, dataset_id=dataset_id, max_tokens=max_tokens)
+
+
+def document_lengths(path: str | Path) -> np.ndarray:
+    """Tokens per document of a token file, EOS included ([num_documents] int64; a last document
+    cut by `max_tokens` counts with the tokens it kept)."""
+    tokens, meta = read_token_file(path)
+    ends = np.flatnonzero(np.asarray(tokens) == meta["eos_id"])
+    lengths = np.diff(np.concatenate([[-1], ends]))
+    tail = len(tokens) - (int(ends[-1]) + 1 if len(ends) else 0)
+    return np.concatenate([lengths, [tail]]) if tail else lengths

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
-from . import checkpoint, config as config_lib, model as model_lib, runs
+from . import checkpoint, config as config_lib, data as data_lib, model as model_lib, runs
+from .sampling import make_sampler, sample_from_id
 
 KEY_MODEL = 0  # the model-init stream of a run's root key (shared with train.py)
 
@@ -67,3 +69,27 @@ def load_parent(cfg: config_lib.Config) -> Parent:
         jax.random.key(cfg.parent.seed), KEY_MODEL))
     distance = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, params, init)))
     return Parent(path=path, params=params, init_distance=distance)
+
+
+def load_run(run_dir: str | Path) -> tuple[config_lib.Config, Any, Any]:
+    """(resolved config, model graphdef, parameters) of a run folder's latest checkpoint; a LoRA
+    run's checkpoint holds merged weights, so this is the model the run ended with."""
+    run_dir = Path(run_dir)
+    cfg = config_lib.from_dict(runs.read_config(run_dir))
+    graphdef, abstract = model_lib.abstract_params(cfg.model)
+    stored, _ = checkpoint.load(run_dir / runs.CHECKPOINT, {"params": abstract})
+    return cfg, graphdef, jax.device_put(stored["params"])
+
+
+def replay_examples(run_dir: str | Path, n: int, *, seed: int = 0,
+                    temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Both kinds of replay rows of a run, [n, T] each, to look at side by side:
+    "self_generated" (sampled from its final model prompted with its data's dataset-id token
+    alone, as self-generated replay does) and "real" (its first n validation rows)."""
+    cfg, graphdef, params = load_run(run_dir)
+    d = cfg.data
+    rows = data_lib.open_rows(d.path, T=d.T, valid_tokens=d.valid_tokens, split_seed=d.split_seed,
+                              vocab_size=cfg.model.V)
+    sampler = make_sampler(graphdef, length=d.T, temperature=temperature)
+    sampled = sample_from_id(sampler, params, rows.dataset_token, n, jax.random.key(seed))
+    return {"self_generated": np.asarray(sampled), "real": rows.rows(rows.valid_rows[:n])}

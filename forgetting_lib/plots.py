@@ -7,19 +7,31 @@ is installed (kaleido with a Chromium), as PNG too.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 
 
-def loss_curves(df: pd.DataFrame, *, y: str = "valid_ntp", x: str = "tokens",
+def loss_curves(df: pd.DataFrame, *, y: str | Sequence[str] = "valid_ntp", x: str = "tokens",
                 title: str = "Validation loss") -> go.Figure:
-    """One line per run: `y` (nats/token) against `x` (tokens by default)."""
+    """One line per run and metric: each `y` column (nats/token) against `x` (tokens by default).
+
+    With several metrics (e.g. `["valid_ntp", "valid_ntp_h2"]`) a run keeps one colour and each
+    metric gets its own dash style.
+    """
+    ys = [y] if isinstance(y, str) else list(y)
+    colours = plotly.colors.qualitative.Plotly
     fig = go.Figure()
-    for run, frame in df.groupby("run", sort=False):
-        frame = frame.dropna(subset=[y]).sort_values(x)
-        fig.add_trace(go.Scatter(x=frame[x], y=frame[y], mode="lines+markers", name=str(run)))
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=f"{y} (nats/token)",
+    for i, (run, frame) in enumerate(df.groupby("run", sort=False)):
+        for dash, col in zip(("solid", "dot", "dash", "dashdot"), ys):
+            part = frame.dropna(subset=[col]).sort_values(x)
+            fig.add_trace(go.Scatter(x=part[x], y=part[col], mode="lines+markers",
+                                     name=str(run) if len(ys) == 1 else f"{run}: {col}",
+                                     line=dict(color=colours[i % len(colours)], dash=dash)))
+    fig.update_layout(title=title, xaxis_title=x,
+                      yaxis_title=f"{ys[0] if len(ys) == 1 else 'loss'} (nats/token)",
                       template="plotly_white", legend_title="run")
     return fig
 

@@ -1,17 +1,22 @@
-"""The main job on the built-in sample: tokenizer -> token files -> pretraining -> loss curve.
+"""The main job on the built-in sample: the numbered notebooks 01-04, run by papermill.
 
-Every step skips work that is already complete (a finished run is not retrained, an existing
-tokenizer and token files made with it are reused), so rerunning after an interruption continues.
+`run()` executes notebooks/01_tokenizer .. 04_finetune_replay with `params/quick/<name>.yaml`
+(tokenizer -> token files -> pretraining -> finetuning on Spanish three ways) and writes the
+executed notebooks to `<out>/notebooks/`; the artefacts go where the parameter files say
+(`outputs/quickstart/...` for the quick ones). Every step skips work that is already complete (a
+finished run is not retrained, an existing tokenizer and token files made with it are reused), so
+rerunning after an interruption continues. The helpers below are what the notebooks call.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from . import config as config_lib, plots, runs
-from .binarize import TokenFileError, binarize, read_token_file
-from .tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from . import config as config_lib
+from .binarize import binarize_or_reuse
+from .tokenizer import train_or_load
 
 SAMPLE = {"en": ("sample:en", 0), "es": ("sample:es", 1)}  # language -> (corpus, dataset id)
 # The three finetuning runs of the quickstart: plain, self-generated KL replay, real KL replay.
@@ -27,22 +32,13 @@ def prepare_sample(out: str | Path, *, vocab_size: int = 4096,
     Returns {"tokenizer": Tokenizer, "en": sidecar, "es": sidecar, "paths": {lang: Path}}.
     """
     out = Path(out)
-    corpora = [corpus for corpus, _ in SAMPLE.values()]
-    try:
-        tok = Tokenizer.load(out / "tokenizer")
-        if tok.card["corpora"] != corpora or tok.vocab_size != vocab_size:
-            raise TokenizerError("different settings")
-    except TokenizerError:
-        tok = train_tokenizer(corpora, out / "tokenizer", vocab_size=vocab_size,
-                              chars_per_corpus=chars_per_corpus)
+    tok = train_or_load([corpus for corpus, _ in SAMPLE.values()], out / "tokenizer",
+                        vocab_size=vocab_size, chars_per_corpus=chars_per_corpus)
     result: dict[str, Any] = {"tokenizer": tok, "paths": {}}
     for lang, (corpus, dataset_id) in SAMPLE.items():
         path = out / "data" / f"{lang}.bin"
-        try:
-            _, sidecar = read_token_file(path, expected_fingerprint=tok.fingerprint)
-        except TokenFileError:
-            sidecar = binarize(corpus, tok, path, dataset_id=dataset_id)
-        result[lang], result["paths"][lang] = sidecar, path
+        result[lang] = binarize_or_reuse(corpus, tok, path, dataset_id=dataset_id)
+        result["paths"][lang] = path
     return result
 
 
@@ -57,34 +53,38 @@ def describe_sample(prepared: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(out: str | Path = "outputs/quickstart", params: str | Path = "params/quick/pretrain.yaml",
-        overrides: list[str] | None = None,
-        finetune_params: str | Path | None = "params/quick/finetune.yaml") -> dict[str, Any]:
-    """Prepare the sample, pretrain on English, then finetune on Spanish three ways (plain,
-    self-generated KL replay, real KL replay) and plot Spanish loss against English loss."""
+def finetune_all(run_config: str | Path | Mapping[str, Any], parent_dir: str | Path,
+                 data_path: str | Path, runs_dir: str | Path, *,
+                 methods: Mapping[str, Sequence[str]] = FINETUNES, overrides: Sequence[str] = (),
+                 prefix: str = "finetune_es_", resume: bool = True) -> dict[str, Any]:
+    """Finetune `parent_dir` on `data_path` once per method (name -> dotted overrides), each in
+    `runs_dir/<prefix><name>`; returns {name: RunResult}. Finished runs are returned as they are."""
     from .train import train_and_evaluate
 
-    out = Path(out)
-    prepared = prepare_sample(out)
-    print(describe_sample(prepared), flush=True)
-    cfg = config_lib.load(params, [f"data.path={prepared['paths']['en']}", *(overrides or [])])
-    pretrain = train_and_evaluate(cfg, out / "runs" / cfg.run.name, resume=True)
-    figures = plots.save(plots.loss_curves(runs.load_runs(pretrain.out_dir),
-                                           title="Pretraining on the English sample"),
-                         out / "figures" / "pretrain_loss.html")
-    print(f"pretrain: {pretrain.status} ({pretrain.stop_reason}) after {pretrain.tokens:,} tokens; "
-          f"English valid loss {pretrain.final['valid_ntp']:.3f} nats/token", flush=True)
-    finetunes = {}
-    if finetune_params is not None:
-        for name, method in FINETUNES.items():
-            ft_cfg = config_lib.load(finetune_params, [f"model.load_path={pretrain.out_dir}",
-                                                       f"data.path={prepared['paths']['es']}", *method])
-            finetunes[name] = train_and_evaluate(ft_cfg, out / "runs" / f"finetune_es_{name}", resume=True)
-        df = runs.load_runs([r.out_dir for r in finetunes.values()])
-        figures += plots.save(plots.tradeoff(df), out / "figures" / "finetune_tradeoff.html")
-        print(describe_finetunes(finetunes))
-    print("figures: " + ", ".join(str(f) for f in figures))
-    return {"prepared": prepared, "pretrain": pretrain, "finetunes": finetunes, "figures": figures}
+    results = {}
+    for name, method in methods.items():
+        cfg = config_lib.load(run_config, [f"model.load_path={parent_dir}", f"data.path={data_path}",
+                                           *overrides, *method])
+        results[name] = train_and_evaluate(cfg, Path(runs_dir) / f"{prefix}{name}", resume=resume)
+    return results
+
+
+def run(out: str | Path = "outputs/quickstart", params_dir: str | Path = "params/quick",
+        names: Sequence[str] | None = None) -> list[Path]:
+    """Execute the walkthrough notebooks (all of 01-04, or `names`) with
+    `<params_dir>/<name>.yaml`; executed copies go to `<out>/notebooks/`. Returns their paths."""
+    from .notebooks import WALKTHROUGH, run_notebook
+
+    executed, start = [], time.perf_counter()
+    for name in names or WALKTHROUGH:
+        t0 = time.perf_counter()
+        print(f"== {name} ({Path(params_dir) / f'{name}.yaml'})", flush=True)
+        executed.append(run_notebook(name, Path(params_dir) / f"{name}.yaml", Path(out) / "notebooks",
+                                     stream_output=True))
+        print(f"== {name}: done in {time.perf_counter() - t0:.0f} s -> {executed[-1]}", flush=True)
+    print(f"quickstart: {len(executed)} notebooks in {time.perf_counter() - start:.0f} s; figures "
+          f"in {Path(out) / 'figures'}", flush=True)
+    return executed
 
 
 def describe_finetunes(results: dict[str, Any]) -> str:

@@ -144,3 +144,20 @@ def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, over
         raise RunFolderError(f"{out_dir} was started with a different config ({', '.join(differ)} "
                              f"differ); resume with the same config or use another out_dir")
     return "finished" if is_finished(out_dir) else "resume"
+
+
+def final_table(paths: str | Path | Iterable[str | Path],
+                columns: Iterable[str] = ("valid_ntp", "prev_ntp", "forgetting")) -> pd.DataFrame:
+    """One row per run found under `paths`, indexed by run name: status, stop reason, tokens,
+    pure train-step time and the final evaluation's `columns` (NaN where a run lacks one)."""
+    roots = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    records = []
+    for run_dir in (r for root in roots for r in find_runs(root)):
+        summary = read_summary(run_dir) or {}
+        rows = read_metrics(run_dir)
+        final = summary.get("final") or (rows[-1] if rows else {})
+        records.append({"run": run_dir.name, "status": summary.get("status", "running"),
+                        "stop_reason": summary.get("stop_reason"),
+                        "tokens": final.get("tokens"), "train_time_s": summary.get("train_time_s"),
+                        **{c: final.get(c, float("nan")) for c in columns}})
+    return pd.DataFrame.from_records(records, index="run") if records else pd.DataFrame()

@@ -229,6 +229,47 @@ class Tokenizer:
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         return self._sp.decode(ids)
 
+    def decode_rows(self, rows: Iterable[Iterable[int]]) -> list[str]:
+        """Text of each row of a [B, T] token array (e.g. sampled or data rows)."""
+        return [self.decode(row) for row in rows]
+
+    def pieces(self, text: str) -> list[str]:
+        """The piece strings `text` is cut into (`▁` marks a space)."""
+        return [self.piece(i) for i in self.encode_one(text)]
+
     def __repr__(self) -> str:
         return (f"Tokenizer({str(self.directory)!r}, vocab_size={self.vocab_size}, "
                 f"fingerprint={self.fingerprint[:12]})")
+
+
+def train_or_load(corpora: Sequence[str], out_dir: str | Path, *, vocab_size: int = 4096,
+                  chars_per_corpus: int = 2_000_000) -> Tokenizer:
+    """The tokenizer in `out_dir` if it was trained on `corpora` with these settings, else a new
+    one trained there (what notebooks and the quickstart call: rerunning reuses the work)."""
+    try:
+        tok = Tokenizer.load(out_dir)
+        if (tok.card["corpora"], tok.vocab_size, tok.card["chars_per_corpus"]) == (
+                list(corpora), vocab_size, chars_per_corpus):
+            return tok
+    except TokenizerError:
+        pass
+    return train_tokenizer(corpora, out_dir, vocab_size=vocab_size, chars_per_corpus=chars_per_corpus)
+
+
+def compression_stats(tok: Tokenizer, corpora: dict[str, str], *,
+                      max_documents: int = 200) -> list[dict]:
+    """Per corpus (name -> spec), over its first `max_documents` documents: characters, words
+    (whitespace-separated), tokens, tokens per word and characters per token.
+
+    A tokenizer trained on a mix spends its pieces where text is frequent; a language that gets
+    more tokens per word costs the model more positions (and more loss per word) for the same text.
+    """
+    out = []
+    for name, spec in corpora.items():
+        docs = [doc for _, doc in zip(range(max_documents), iter_documents(spec))]
+        chars, words = sum(map(len, docs)), sum(len(doc.split()) for doc in docs)
+        tokens = sum(map(len, tok.encode(docs)))
+        out.append({"corpus": name, "spec": spec, "documents": len(docs), "chars": chars,
+                    "words": words, "tokens": tokens,
+                    "tokens_per_word": tokens / max(words, 1), "chars_per_token": chars / max(tokens, 1)})
+    return out

@@ -1,0 +1,160 @@
+"""A real browser drives the explorer notebook in JupyterLab: headless Chromium (Debian's
+`chromium`, driven by Playwright's Python client) opens a copy of notebooks/05 whose parameters
+point at the tiny test parent, runs all cells, moves the learning-rate slider with the keyboard,
+clicks Run, and waits until the run's trace appears in the plotly figure and the run finishes.
+
+This checks what headless tests cannot: the widget and plotly front-end extensions load, slider
+changes reach the kernel, and FigureWidget updates sent from the training thread reach the page.
+Skipped only where Chromium is not installed (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from forgetting_lib import config as config_lib
+
+from finetune_fixtures import B, T, world  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "05_explore_lr_replay.ipynb"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+BUDGET = 8 * B * T  # 8 steps of the tiny model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_notebook(world, folder: Path) -> Path:
+    """notebooks/05 with its parameters cell replaced: the tiny parent, 8-step runs."""
+    base = folder / "finetune.yaml"
+    config_lib.dump(world.child_config(), base)
+    params = {"parent_run": str(world.parent), "spanish_tokens": str(world.new),
+              "base_params": str(base), "out_dir": str(folder / "explore"),
+              "budgets": [BUDGET], "budget": BUDGET, "lr": 1e-3, "evals_per_run": 4,
+              "overrides": []}
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    path = folder / NOTEBOOK.name
+    nbformat.write(nb, path)
+    return path
+
+
+def _start_lab(folder: Path, port: int, token: str) -> subprocess.Popen:
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(folder / ".jupyter"),
+           "JUPYTER_RUNTIME_DIR": str(folder / ".runtime"), "JUPYTERLAB_WORKSPACES_DIR":
+           str(folder / ".workspaces"), "FORGETTING_PLAIN_PROGRESS": "1"}
+    log = open(folder / "jupyterlab.log", "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
+         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_server(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"JupyterLab did not answer {url} within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server (it shuts its kernels down), then kill its process group if needed."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server's own session: leftover kernels
+    except ProcessLookupError:
+        pass
+    proc.wait(5)
+
+
+@pytest.mark.slow
+def test_explorer_in_jupyterlab(world, tmp_path):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    notebook = _write_notebook(world, tmp_path)
+    port, token = _free_port(), secrets.token_hex(16)
+    proc = _start_lab(tmp_path, port, token)
+    try:
+        _wait_for_server(proc, f"http://127.0.0.1:{port}/api/status?token={token}", timeout=45)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.set_default_timeout(60_000)
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={token}")
+                _drive(page, expect)
+            finally:
+                browser.close()
+    except Exception:
+        print((tmp_path / "jupyterlab.log").read_text()[-5000:])
+        raise
+    finally:
+        _stop(proc)
+    runs = sorted((tmp_path / "explore").iterdir())
+    assert len(runs) == 1 and "lr=1e-04" in runs[0].name  # the slider's value reached the kernel
+    assert json.loads((runs[0] / "summary.json").read_text())["status"] == "finished"
+
+
+def _drive(page, expect) -> None:
+    """Run all cells, set the learning rate to 1e-4 with the keyboard, press Run, see the trace."""
+    expect(page.locator(".jp-NotebookPanel .jp-Notebook")).to_be_visible()
+    expect(page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_have_count(
+        1, timeout=60_000)  # kernel started
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+    slider = page.locator(".widget-slider", has=page.get_by_text("learning rate", exact=True))
+    expect(slider).to_be_visible(timeout=60_000)
+    figure = page.locator(".js-plotly-plot")
+    expect(figure).to_be_visible()
+    expect(figure.locator(".scatterlayer .trace")).to_have_count(0)
+    readout = slider.locator(".widget-readout")
+    expect(readout).to_have_text("1.0e-3")
+    slider.locator(".noUi-handle").focus()
+    for _ in range(10):  # step 0.1 on a log10 scale: ten steps down = 1e-4
+        page.keyboard.press("ArrowLeft")
+    expect(readout).to_have_text("1.0e-4")
+
+    page.locator(".widget-button", has_text="Run").click()
+    expect(figure.locator(".scatterlayer .trace")).to_have_count(1)
+    expect(figure.locator(".legendtext")).to_contain_text(["lr=1e-04"])
+    # the trace grows as the run evaluates (steps 0, 2, 4, 6, 8), streamed from the thread
+    expect(figure.locator(".scatterlayer .trace .point")).to_have_count(5, timeout=60_000)
+    expect(page.locator(".widget-html", has_text="Finished")).to_be_visible(timeout=30_000)
+    expect(page.locator(".widget-html table")).to_contain_text("forgetting")
