@@ -65,7 +65,8 @@ def parameters_of(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def load_parameters(parameters: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
-    """A parameter file (YAML mapping) or dict as a dict; None -> {} (the notebook's defaults)."""
+    """A parameter file (YAML mapping) or dict as a dict; None -> {} (the notebook's defaults).
+    A top-level `notebook` key (which notebook a file is for) is not a parameter and is dropped."""
     if parameters is None:
         return {}
     if isinstance(parameters, Mapping):
@@ -73,6 +74,7 @@ def load_parameters(parameters: str | Path | Mapping[str, Any] | None) -> dict[s
     raw = yaml.safe_load(Path(parameters).read_text())
     if not isinstance(raw, dict):
         raise NotebookError(f"parameter file {parameters} must hold a YAML mapping of name: value")
+    raw.pop("notebook", None)
     return raw
 
 

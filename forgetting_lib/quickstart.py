@@ -20,9 +20,9 @@ from .tokenizer import train_or_load
 
 SAMPLE = {"en": ("sample:en", 0), "es": ("sample:es", 1)}  # language -> (corpus, dataset id)
 # The three finetuning runs of the quickstart: plain, self-generated KL replay, real KL replay.
-FINETUNES = {"plain": ["reg.method=none"],
-             "kl_self": ["reg.method=kl_pre", "reg.synth=true"],
-             "kl_real": ["reg.method=kl_pre", "reg.synth=false"]}
+FINETUNES = {"plain": {"reg.method": "none"},
+             "kl_self": {"reg.method": "kl_pre", "reg.synth": True},
+             "kl_real": {"reg.method": "kl_pre", "reg.synth": False}}
 
 
 def prepare_sample(out: str | Path, *, vocab_size: int = 4096,
@@ -55,16 +55,18 @@ def describe_sample(prepared: dict[str, Any]) -> str:
 
 def finetune_all(run_config: str | Path | Mapping[str, Any], parent_dir: str | Path,
                  data_path: str | Path, runs_dir: str | Path, *,
-                 methods: Mapping[str, Sequence[str]] = FINETUNES, overrides: Sequence[str] = (),
-                 prefix: str = "finetune_es_", resume: bool = True) -> dict[str, Any]:
-    """Finetune `parent_dir` on `data_path` once per method (name -> dotted overrides), each in
-    `runs_dir/<prefix><name>`; returns {name: RunResult}. Finished runs are returned as they are."""
+                 methods: Mapping[str, Mapping[str, Any]] = FINETUNES,
+                 overrides: Mapping[str, Any] | None = None, prefix: str = "finetune_es_",
+                 resume: bool = True) -> dict[str, Any]:
+    """Finetune `parent_dir` on `data_path` once per method (name -> {dotted key: value}, applied
+    after `overrides`), each in `runs_dir/<prefix><name>`; returns {name: RunResult}. Finished runs
+    are returned as they are."""
     from .train import train_and_evaluate
 
     results = {}
     for name, method in methods.items():
-        cfg = config_lib.load(run_config, [f"model.load_path={parent_dir}", f"data.path={data_path}",
-                                           *overrides, *method])
+        cfg = config_lib.load(run_config, [("model.load_path", str(parent_dir)), ("data.path", str(data_path)),
+                                           *(overrides or {}).items(), *method.items()])
         results[name] = train_and_evaluate(cfg, Path(runs_dir) / f"{prefix}{name}", resume=resume)
     return results
 

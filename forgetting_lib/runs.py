@@ -119,12 +119,15 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, overwrite: bool) -> str:
+def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, overwrite: bool,
+                    defaults: dict[str, Any] | None = None) -> str:
     """Make `out_dir` ready for a run of `config`: "new", "resume" (an unfinished run to continue)
     or "finished" (resume=True on a finished run: nothing to do).
 
     A folder that already holds a run is never reused silently: without `resume` or `overwrite`
     it is an error, and resuming with a different config is an error that lists the differences.
+    A key missing from the stored config (written before that key existed) counts as its value in
+    `defaults`, so adding a config field does not orphan earlier runs.
     """
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
@@ -139,6 +142,10 @@ def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, over
     new, old = {}, {}
     _flatten("", config, new)
     _flatten("", read_config(out_dir), old)
+    if defaults is not None:
+        flat_defaults: dict[str, Any] = {}
+        _flatten("", defaults, flat_defaults)
+        old = {**{k: v for k, v in flat_defaults.items() if k in new}, **old}
     differ = sorted(k for k in new.keys() | old.keys() if k != "log.progress" and new.get(k) != old.get(k))
     if differ:
         raise RunFolderError(f"{out_dir} was started with a different config ({', '.join(differ)} "

@@ -10,7 +10,7 @@ significant digit first) joined by that task's separator, "=", the answer, EOS, 
 
     position  0    1-3    4    5-7    8    9 ...       then EOS, PAD to T
               BOS  a      sep  b      =    answer
-    add       a + b as 4 digits (zero-padded)           e.g. <add> 4 5 6 + 7 8 9 = 1 2 4 5 EOS PAD PAD
+    add       a + b as 4 digits (zero-padded): <add> 4 5 6 + 7 8 9 = 1 2 4 5 EOS PAD PAD
     modadd    (a + b) mod 1000 as 3 digits
     reversal  the 6 question digits in reverse order
     sort      the 6 question digits in ascending order (the longest answer: 9 + 6 + 1 = T)
@@ -135,7 +135,7 @@ def eval_sets(tasks: tuple[str, ...], problems: int, *, key: jax.Array) -> jax.A
 
 
 def accuracies(sets: jax.Array, decode: Decode) -> np.ndarray:
-    """Exact-match accuracy [n_tasks] of `decode` on eval sets [n_tasks, N, T], in one decode call."""
+    """Exact-match accuracy [n_tasks] of `decode` on eval sets [n_tasks, N, T] (one decode call)."""
     n, N, _ = sets.shape
     correct = exact_match(sets.reshape(n * N, T), decode)
     return np.asarray(jax.device_get(correct)).reshape(n, N).mean(axis=1)

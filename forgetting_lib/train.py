@@ -261,7 +261,8 @@ def _summary(setup: Setup, tracker: Tracker, status: str, reason: str, compile_s
 def _prepare_run_dir(cfg: config_lib.Config, out_dir: Path, *, resume: bool, overwrite: bool
                      ) -> RunResult | None:
     """Create or check the run folder; a finished run being resumed is returned as it is."""
-    state = runs.prepare_run_dir(cfg.to_dict(), out_dir, resume=resume, overwrite=overwrite)
+    state = runs.prepare_run_dir(cfg.to_dict(), out_dir, resume=resume, overwrite=overwrite,
+                                 defaults=config_lib.Config().to_dict())
     if state != "finished":
         return None
     summary = runs.read_summary(out_dir)

@@ -141,20 +141,24 @@ class Explorer:
     # ---- widgets -------------------------------------------------------------------------------
 
     def _build_controls(self, lr: float, budgets: list[int], budget: int | None) -> None:
-        wide = {"style": {"description_width": "120px"}, "layout": W.Layout(width="420px")}
+        style = {"description_width": "120px"}
+
+        def wide() -> W.Layout:  # one Layout per control: hiding one must not hide the others
+            return W.Layout(width="420px")
+
         self.lr = W.FloatLogSlider(value=lr, base=10, min=-5, max=-1, step=0.1, readout_format=".1e",
-                                   description="learning rate", **wide)
+                                   description="learning rate", style=style, layout=wide())
         self.method = W.Dropdown(options=list(METHODS), value="none", description="replay method",
-                                 **wide)
+                                 style=style, layout=wide())
         self.source = W.ToggleButtons(options=list(SOURCES), value="real",
-                                      description="replay source", style=wide["style"])
+                                      description="replay source", style=style)
         self.coeff = W.FloatLogSlider(value=1.0, base=10, min=-2, max=3, step=0.25,
-                                      description="coefficient", **wide)
+                                      description="coefficient", style=style, layout=wide())
         self.fraction = W.FloatSlider(value=0.25, min=0.05, max=0.9, step=0.05,
-                                      description="replay fraction", **wide)
+                                      description="replay fraction", style=style, layout=wide())
         self.budget = W.Dropdown(options=[(f"{b:,} tokens", b) for b in budgets],
                                  value=budget if budget is not None else budgets[0],
-                                 description="token budget", **wide)
+                                 description="token budget", style=style, layout=wide())
         self.run_button = W.Button(description="Run", button_style="primary", icon="play",
                                    tooltip="finetune from the parent with these settings")
         self.run_button.on_click(self.on_run)
@@ -163,7 +167,7 @@ class Explorer:
         self.figure = go.FigureWidget(plots.tradeoff(
             pd.DataFrame(columns=["run", "step", "tokens", "valid_ntp", "prev_ntp"]),
             title="English (old) loss vs Spanish (new) loss, live"))
-        self.figure.update_layout(height=480, legend=dict(font=dict(size=10)))
+        self.figure.update_layout(height=480, showlegend=True, legend=dict(font=dict(size=10)))
         self.method.observe(lambda _: self._sync_controls(), names="value")
         self._sync_controls()
         self._status("Choose settings and press Run.")
@@ -180,9 +184,13 @@ class Explorer:
         self.coeff.disabled = not s.replays
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The panel; where widgets do not render (papermill output, a terminal) the status line."""
+        bundle = self.widget._repr_mimebundle_(**kwargs) or {}
+        bundle["text/plain"] = f"Explorer writing runs to {self.out_dir}: {self.message}"
+        return bundle
 
     def _status(self, text: str, kind: str = "info") -> None:
+        self.message = text
         colour = {"info": "#444", "busy": "#b35900", "error": "#b00020", "done": "#1b5e20"}[kind]
         self.status.value = f'<span style="color:{colour}">{html.escape(text)}</span>'
 
@@ -277,12 +285,11 @@ class Explorer:
 
     def _record(self, settings: Settings, run_dir: Path, result: RunResult | None) -> None:
         final = result.final if result is not None else {}
-        self.results.append({
-            "run": run_dir.name, "method": settings.method,
-            "source": settings.source if settings.replays else "-", "lr": settings.lr,
-            "strength": settings.strength,
-            "tokens": result.tokens if result else None,
-            "stop_reason": result.stop_reason if result else "error",
-            **{k: final.get(k) for k in ("valid_ntp", "prev_ntp", "forgetting", "train_time_s")}})
+        record = {"run": run_dir.name, "method": settings.method,
+                  "source": settings.source if settings.replays else "-", "lr": settings.lr,
+                  "strength": settings.strength, "tokens": result.tokens if result else None,
+                  "stop_reason": result.stop_reason if result else "error",
+                  **{k: final.get(k) for k in ("valid_ntp", "prev_ntp", "forgetting", "train_time_s")}}
+        self.results.append({k: float("nan") if v is None else v for k, v in record.items()})
         self.table.value = self.table_frame().to_html(
             index=False, na_rep="-", float_format=lambda v: f"{v:.4g}", border=0)

@@ -140,3 +140,27 @@ def test_cli_trains_binarizes_and_reports_errors_in_one_line(small_corpus_dir, t
                  "--out", str(tmp_path / "y.bin"), "--dataset-id", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown corpus spec 'nope:x'") and err.count("\n") == 1
+
+
+def test_binarize_or_reuse_rebuilds_only_when_settings_change(small_tokenizer, small_corpus_dir, tmp_path):
+    from forgetting_lib.binarize import binarize_or_reuse
+
+    corpus, out = f"files:{small_corpus_dir}/*.txt", tmp_path / "x.bin"
+    binarize_or_reuse(corpus, small_tokenizer, out, dataset_id=1)
+    mtime = out.stat().st_mtime_ns
+    assert binarize_or_reuse(corpus, small_tokenizer, out, dataset_id=1)["dataset_id"] == 1
+    assert out.stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert binarize_or_reuse(corpus, small_tokenizer, out, dataset_id=2)["dataset_id"] == 2
+    assert binarize_or_reuse(corpus, small_tokenizer, out, dataset_id=2, max_tokens=10)["num_tokens"] == 10
+
+
+def test_document_lengths(small_tokenizer, small_corpus_dir, small_docs, tmp_path):
+    from forgetting_lib.binarize import document_lengths
+
+    corpus = f"files:{small_corpus_dir}/*.txt"
+    whole = binarize(corpus, small_tokenizer, tmp_path / "a.bin", dataset_id=0)
+    lengths = document_lengths(tmp_path / "a.bin")
+    assert lengths.tolist() == [len(small_tokenizer.encode_one(d)) + 1 for d in small_docs]  # + EOS
+    assert lengths.sum() == whole["num_tokens"]
+    binarize(corpus, small_tokenizer, tmp_path / "b.bin", dataset_id=0, max_tokens=int(lengths[0]) + 3)
+    assert document_lengths(tmp_path / "b.bin").tolist() == [lengths[0], 3]  # the cut document counts

@@ -19,7 +19,7 @@ import pytest
 
 from forgetting_lib import __main__ as cli
 from forgetting_lib import checkpoint, config as config_lib, data as data_lib, replay as replay_lib
-from forgetting_lib import runs
+from forgetting_lib import finetune as finetune_lib, runs
 from forgetting_lib.assemble import build_setup
 from forgetting_lib.config import ConfigError, ModelConfig
 from forgetting_lib.finetune import FinetuneError, load_parent, resolve
@@ -375,3 +375,32 @@ def test_auto_microbatches_small_batch():
         signal.signal(signal.SIGALRM, previous)
     assert count == 1
     assert auto_microbatches(8, 32, replay_rows=8) == 1
+
+
+# --- reading finished runs back (what notebook 04 shows) ----------------------------------------
+
+def test_final_table_has_one_row_per_run_with_forgetting(world, plain, kl_real):
+    table = runs.final_table([plain.out_dir, kl_real.out_dir, world.parent])
+    assert list(table.index) == [plain.out_dir.name, kl_real.out_dir.name, world.parent.name]
+    assert table.loc[plain.out_dir.name, "forgetting"] == pytest.approx(plain.final["forgetting"])
+    assert table.loc[kl_real.out_dir.name, "valid_ntp"] == pytest.approx(kl_real.final["valid_ntp"])
+    assert np.isnan(table.loc[world.parent.name, "forgetting"])  # a pretraining run has none
+    assert (table["status"] == "finished").all()
+
+
+def test_load_run_gives_the_final_parameters(world, plain):
+    cfg, graphdef, params = finetune_lib.load_run(plain.out_dir)
+    assert cfg.model.load_path == str(world.parent)
+    parent = load_parent(resolve(cfg))
+    _, _, parent_params = finetune_lib.load_run(world.parent)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), parent.params, parent_params))
+    forward = make_forward(graphdef)
+    assert np.isfinite(np.asarray(forward(params, jnp.ones((1, T), jnp.int32)))).all()
+
+
+def test_replay_examples_are_prompted_by_the_id_token(world):
+    ex = finetune_lib.replay_examples(world.parent, 3, seed=1)
+    assert ex["self_generated"].shape == ex["real"].shape == (3, T)
+    assert (ex["self_generated"][:, 0] == OLD_TOKEN).all() and (ex["real"][:, 0] == OLD_TOKEN).all()
+    again = finetune_lib.replay_examples(world.parent, 3, seed=1)
+    assert (again["self_generated"] == ex["self_generated"]).all()  # a seed fixes the rows

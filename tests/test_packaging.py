@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from forgetting_lib import config as config_lib
+from forgetting_lib.notebooks import WALKTHROUGH, parameters_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,19 +36,61 @@ def test_environment_yml_matches_pyproject():
 
 
 PARAM_FILES = sorted((ROOT / "params").rglob("*.yaml"))
+NOTEBOOKS = {p.stem: p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts}
+
+
+def _notebook_of(path: Path) -> Path | None:
+    """The notebook a parameter file is for: `params/<scale>/<notebook name>.yaml`, or a file
+    whose top-level `notebook` key names it (relative to notebooks/); None for run configs."""
+    raw = yaml.safe_load(path.read_text())
+    if isinstance(raw, dict) and isinstance(raw.get("notebook"), str):
+        return ROOT / "notebooks" / f"{raw['notebook']}.ipynb"
+    return NOTEBOOKS.get(path.stem)
+
+
+def _is_notebook_params(path: Path) -> bool:
+    return _notebook_of(path) is not None
 
 
 def test_there_are_parameter_files():
     assert any("quick" in p.parts for p in PARAM_FILES)
 
 
-@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", [p for p in PARAM_FILES if not _is_notebook_params(p)],
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_parameter_file_loads(path):
     raw = yaml.safe_load(path.read_text())
     if "base" in raw or "grid" in raw:  # sweep specs are validated by the sweep module
         pytest.skip("sweep spec")
     cfg = config_lib.load(path)
     assert cfg.stop != config_lib.StopConfig()  # every shipped run has a stop rule
+
+
+@pytest.mark.parametrize("path", [p for p in PARAM_FILES if _is_notebook_params(p)],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_parameter_file_matches_its_notebook(path):
+    raw = yaml.safe_load(path.read_text())
+    raw.pop("notebook", None)
+    defaults = parameters_of(_notebook_of(path))
+    unknown = set(raw) - set(defaults)
+    assert not unknown, f"{path.relative_to(ROOT)} sets {unknown}: not in the notebook's parameters cell"
+    if path.stem in WALKTHROUGH:  # the walkthrough's files list every parameter: a full starting point
+        assert set(raw) == set(defaults), f"{path.relative_to(ROOT)} must set every parameter"
+    for key, value in raw.items():  # same kinds of values as the notebook's defaults
+        default = defaults[key]
+        assert value is None or default is None or isinstance(value, type(default)) \
+            or (isinstance(value, (int, float)) and isinstance(default, (int, float))), key
+    if "run_config" in raw:  # the embedded run config (file or mapping) loads with every override
+        source = raw["run_config"]
+        source = ROOT / source if isinstance(source, str) else source
+        for method in (raw.get("methods") or {"": {}}).values():
+            config_lib.load(source, [*raw["overrides"].items(), *method.items()])
+
+
+def test_every_walkthrough_notebook_has_quick_and_paper_parameters():
+    for name in WALKTHROUGH:
+        for scale in ("quick", "paper"):
+            assert (ROOT / "params" / scale / f"{name}.yaml").is_file(), f"params/{scale}/{name}.yaml"
 
 
 def test_ci_calls_the_readme_test_command():

@@ -97,3 +97,41 @@ def test_training_refuses_to_replace_other_folders(small_corpus_dir, tmp_path):
     with pytest.raises(TokenizerError, match="not a tokenizer folder"):
         train_tokenizer([f"files:{small_corpus_dir}/*.txt"], tmp_path, vocab_size=400)
     assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+# --- helpers the notebooks call ---------------------------------------------------------------
+
+def test_pieces_and_decode_rows(small_tokenizer):
+    from forgetting_lib.tokenizer import EOS_ID
+
+    text = "The quick brown fox"
+    pieces = small_tokenizer.pieces(text)
+    assert "".join(pieces).replace("▁", " ").strip() == text
+    ds0 = small_tokenizer.dataset_token(0)
+    rows = [[ds0, *small_tokenizer.encode_one("ab")], [ds0, *small_tokenizer.encode_one("cd"), EOS_ID]]
+    assert small_tokenizer.decode_rows(rows) == ["ab", "cd"]  # id and EOS tokens decode to nothing
+
+
+def test_train_or_load_reuses_only_matching_settings(small_corpus_dir, tmp_path):
+    from forgetting_lib.tokenizer import train_or_load
+
+    corpora = [f"files:{small_corpus_dir}/*.txt"]
+    first = train_or_load(corpora, tmp_path / "tok", vocab_size=400, chars_per_corpus=10_000)
+    mtime = (tmp_path / "tok" / MODEL_FILE).stat().st_mtime_ns
+    again = train_or_load(corpora, tmp_path / "tok", vocab_size=400, chars_per_corpus=10_000)
+    assert again.fingerprint == first.fingerprint
+    assert (tmp_path / "tok" / MODEL_FILE).stat().st_mtime_ns == mtime  # not retrained
+    other = train_or_load(corpora, tmp_path / "tok", vocab_size=420, chars_per_corpus=10_000)
+    assert other.vocab_size == 420
+
+
+def test_compression_stats_count_words_chars_and_tokens(small_tokenizer, small_corpus_dir, small_docs):
+    from forgetting_lib.tokenizer import compression_stats
+
+    [row] = compression_stats(small_tokenizer, {"small": f"files:{small_corpus_dir}/*.txt"}, max_documents=2)
+    docs = small_docs[:2]
+    assert row["documents"] == 2 and row["chars"] == sum(map(len, docs))
+    assert row["words"] == sum(len(d.split()) for d in docs)
+    assert row["tokens"] == sum(len(small_tokenizer.encode_one(d)) for d in docs)
+    assert row["tokens_per_word"] == pytest.approx(row["tokens"] / row["words"])
+    assert row["chars_per_token"] == pytest.approx(row["chars"] / row["tokens"])

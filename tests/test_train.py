@@ -393,3 +393,14 @@ def test_killed_run_resumes_to_identical_metrics(base_run, tmp_path, mode):
     assert result.status == "finished" and result.step == 100
     assert losses_only(runs.read_metrics(run_dir)) == losses_only(runs.read_metrics(out))
     assert checkpoint.read_meta(run_dir / runs.CHECKPOINT)["tracker"]["step"] == 100
+
+
+def test_resume_accepts_a_run_written_before_a_config_field_existed(base_run, tmp_path):
+    """A stored config lacking a newer key (at its default) still resumes: nothing is orphaned."""
+    cfg, out, _ = base_run
+    copy = tmp_path / "old"
+    shutil.copytree(out, copy)
+    raw = runs.read_config(copy)
+    del raw["parent"]["dataset_token"]
+    config.dump(raw, copy / runs.CONFIG)
+    assert train.train_and_evaluate(cfg, copy, resume=True).status == "finished"

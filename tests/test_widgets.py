@@ -55,6 +55,8 @@ def test_config_from_controls(explorer, method, source):
     # controls that do not apply are greyed out / hidden
     assert explorer.source.disabled is not replays
     assert (explorer.fraction.layout.display != "none") is (method == "replace")
+    assert (explorer.coeff.layout.display != "none") is (method != "replace")
+    assert explorer.lr.layout.display != "none" and explorer.budget.layout.display != "none"
 
 
 def test_labels_and_folder_names_are_distinct():
@@ -122,6 +124,7 @@ def test_second_run_while_training_is_refused(explorer, monkeypatch):
 def test_missing_parent_says_how_to_make_it(world, tmp_path):
     panel = Explorer(world.child_config(), tmp_path / "explore", parent=tmp_path / "nothing")
     assert panel.run_button.disabled and "make quickstart" in panel.status.value
+    assert "make quickstart" in panel._repr_mimebundle_()["text/plain"]  # papermill sees it too
     assert panel.on_run() is False and not panel.figure.data
     panel = Explorer(world.child_config(), tmp_path / "explore", data_path=tmp_path / "es.bin")
     assert panel.problem and "es.bin" in panel.problem
