@@ -183,6 +183,12 @@ def _parse_override(item: str | tuple[str, Any]) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(text) if text.strip() else ""
 
 
+def build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
+    """A frozen dataclass `cls` from a mapping, strictly: unknown keys (with the nearest valid key
+    suggested) and wrongly typed values are ConfigErrors naming `prefix` + key."""
+    return _build(cls, raw, prefix)
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")

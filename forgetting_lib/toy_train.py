@@ -67,7 +67,7 @@ def load_config(raw: Mapping[str, Any] | None = None, **overrides: Any) -> ToyCo
     base = ToyConfig().to_dict()
     merged = {k: {**base[k], **v} if isinstance(v, Mapping) and isinstance(base.get(k), dict) else v
               for k, v in raw.items()}
-    cfg = dataclasses.replace(config_lib._build(ToyConfig, merged, ""), tasks=tasks)
+    cfg = dataclasses.replace(config_lib.build_dataclass(ToyConfig, merged), tasks=tasks)
     unknown = [t for t in cfg.tasks if t not in toy.TASKS]
     if unknown or not cfg.tasks:
         raise config_lib.ConfigError(f"tasks: {unknown or 'empty'}; "
