@@ -73,6 +73,20 @@ def cmd_notebook(args: argparse.Namespace) -> None:
     print(run_notebook(args.notebook, args.parameters, args.out, stream_output=True))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Run (or resume) every point of a sweep spec and print the summary table."""
+    from . import sweep
+
+    if args.dry_run:
+        for point in sweep.plan(args.spec):
+            print(f"{point.stage}/{point.id} -> {point.out_dir}")
+        return
+    table = sweep.run_sweep(args.spec, workers=args.workers, notebook=not args.no_notebook,
+                            stages=args.stage or None)
+    if (table["status"] == "failed").any():
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per pipeline step."""
     parser = argparse.ArgumentParser(prog="python -m forgetting_lib", description=__doc__.split("\n")[0])
@@ -113,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params-dir", default="params/quick",
                    help="folder of <notebook>.yaml parameter files (they say where artefacts go)")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("sweep", help="run every point of a sweep spec (resumes; skips finished points)")
+    p.add_argument("spec", help="sweep spec YAML, or a figure parameter file with a `sweep:` key")
+    p.add_argument("--workers", type=int, default=1, help="points run at once (default 1)")
+    p.add_argument("--no-notebook", action="store_true",
+                   help="call the library directly instead of executing notebooks/train_run.ipynb per point")
+    p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the points and their folders, run nothing")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("notebook", help="execute one notebook with papermill")
     p.add_argument("notebook", help="name (03_pretrain) or path of the notebook")

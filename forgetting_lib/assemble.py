@@ -154,6 +154,11 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
             model_lib.make_hidden(setup.graphdef), setup.parent.params, batches)
 
 
+def eval_teacher(setup: Setup) -> Any:
+    """The frozen parent when evaluation reports KL to it (finetuning with log.eval_kl), else None."""
+    return setup.ctx.get("frozen") if setup.cfg.log.eval_kl else None
+
+
 def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
     """Ahead-of-time compile the train step and evaluators; returns compile seconds."""
     start = time.perf_counter()
@@ -168,7 +173,7 @@ def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
     setup.compiled["step"] = make_train_step(objective, setup.optimizer, micro, replace).lower(
         trainable, opt_state, setup.ctx, new, replay).compile()
     setup.compiled["materialize"] = jax.jit(materialize)
-    teacher = setup.ctx.get("frozen")
+    teacher = eval_teacher(setup)
     evaluator = make_evaluator(hidden, with_teacher=teacher is not None)
     params = jax.eval_shape(materialize, trainable, setup.ctx)
     for name, (tokens, mask) in setup.eval_sets.items():

@@ -115,6 +115,8 @@ class LogConfig:
     every_tokens: int = 100_000            # evaluate every this many training tokens
     checkpoint_every_tokens: int | None = None  # also checkpoint this often (None: only at the end)
     progress: bool = True                  # show a progress bar / periodic progress lines
+    eval_kl: bool = True                   # finetuning: also evaluate KL to the parent (metrics
+                                           # *_kl; a teacher forward per eval set, ~2x eval cost)
 
 
 @dataclass(frozen=True)

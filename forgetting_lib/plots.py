@@ -1,17 +1,21 @@
 """Pure plotting functions: a tidy DataFrame (from `runs.load_runs`) in, a plotly Figure out.
 
-`save` writes a figure as self-contained HTML (viewable offline) and, where a static-image engine
-is installed (kaleido with a Chromium), as PNG too.
+`save` writes a figure as self-contained HTML (viewable offline) and, where the static-image engine
+works (kaleido driving a system Chrome/Chromium), as PNG too.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
+
+_warned_no_png = False  # `save` warns once per session when no PNG engine works
 
 
 def loss_curves(df: pd.DataFrame, *, y: str | Sequence[str] = "valid_ntp", x: str = "tokens",
@@ -60,15 +64,31 @@ def tradeoff(df: pd.DataFrame, *, x: str = "valid_ntp", y: str = "prev_ntp",
     return fig
 
 
-def save(fig: go.Figure, path: str | Path) -> list[Path]:
-    """Write `path` (.html) and, if a static engine is available, the same name as .png."""
+def save(fig: go.Figure, path: str | Path, *, width: int = 900, height: int = 500) -> list[Path]:
+    """Write `path` as self-contained .html and, where a static engine works, the same name as a
+    `width` x `height` .png; returns the paths written.
+
+    The PNG engine is kaleido (a project dependency), which drives a Chrome/Chromium it finds on
+    PATH, at the usual install paths (e.g. Debian's /usr/bin/chromium) or at $BROWSER_PATH. Where
+    none works, the HTML alone is the figure and one warning per session says what to install.
+    """
+    global _warned_no_png
     path = Path(path).with_suffix(".html")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.write_html(path, include_plotlyjs=True)
     written = [path]
+    png = path.with_suffix(".png")
+    tmp = png.with_name(f".{png.stem}.{os.getpid()}.tmp.png")
     try:
-        fig.write_image(path.with_suffix(".png"), width=900, height=500)
-        written.append(path.with_suffix(".png"))
-    except Exception:  # noqa: BLE001 - no kaleido/Chromium: HTML alone is the figure
-        pass
+        fig.write_image(tmp, format="png", width=width, height=height)
+        os.replace(tmp, png)  # atomic: a reader never sees a half-written PNG
+        written.append(png)
+    except Exception as err:  # noqa: BLE001 - no kaleido/Chromium: HTML alone is the figure
+        tmp.unlink(missing_ok=True)
+        if not _warned_no_png:
+            _warned_no_png = True
+            warnings.warn(f"figures are saved as HTML only; for PNG too, install kaleido "
+                          f"(pip install 'kaleido>=1.5') and Chromium (apt-get install chromium, or "
+                          f"run plotly_get_chrome), or set BROWSER_PATH to a Chrome binary "
+                          f"({type(err).__name__}: {str(err).strip()[:200]})", stacklevel=2)
     return written

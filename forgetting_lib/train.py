@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from . import checkpoint, config as config_lib, lora as lora_lib, model as model_lib, runs, runtime
-from .assemble import KEY_LORA, Setup, build_setup, compile_all
+from .assemble import KEY_LORA, Setup, build_setup, compile_all, eval_teacher
 from .evaluate import distance, weight_norm
 from .finetune import KEY_MODEL, resolve
 from .progress import Progress
@@ -166,13 +166,13 @@ def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, A
     row: dict[str, Any] = {"step": tracker.step, "tokens": tracker.step * setup.tokens_per_step,
                            "epoch": setup.batcher.epochs(tracker.step)}
     params = setup.compiled["materialize"](trainable, setup.ctx)
-    teacher = setup.ctx.get("frozen")
+    teacher = eval_teacher(setup)
     for name, (tokens, mask) in setup.eval_sets.items():
         out = jax.device_get(setup.compiled[f"eval_{name}"](params, teacher, tokens, mask))
         row.update({f"{name}_{k}": float(v) for k, v in out.items()})
     row["weight_norm"] = float(weight_norm(params))
     if setup.parent is not None:
-        row["drift"] = float(distance(params, teacher)) / setup.parent.init_distance
+        row["drift"] = float(distance(params, setup.parent.params)) / setup.parent.init_distance
         if setup.cfg.parent.final_valid_ntp is not None and "prev_ntp" in row:
             row["forgetting"] = row["prev_ntp"] - setup.cfg.parent.final_valid_ntp
     tracker.eval_time_s += time.perf_counter() - start

@@ -203,6 +203,17 @@ def test_finetuning_metrics_columns(plain, kl_real, kl_synth):
     assert all(r["train_reg"] > 0 for r in metrics(kl_real)[1:] + metrics(synth)[1:])
 
 
+def test_eval_kl_off_skips_only_the_kl_metrics(world, kl_real):
+    lean = metrics(world.finetune("kl_pre_real_no_eval_kl", {**KL, "log.eval_kl": False}))
+    full = metrics(kl_real)
+    assert not any(k.endswith("_kl") for row in lean for k in row)
+    assert all(k in full[-1] for k in ("valid_kl", "prev_kl"))
+    for a, b in zip(lean, full):  # training and every loss are unchanged
+        assert a["step"] == b["step"] and a["drift"] == pytest.approx(b["drift"], rel=1e-6)
+        for key in ("valid_ntp", "prev_ntp", "forgetting", "train_ntp", "train_reg"):
+            assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-6)), key
+
+
 # --- every method at coefficient 0 is plain finetuning ----------------------------------------
 
 ZERO_COEFF = [("ntp_pre", False), ("kl_pre", False), ("kl_dwn", False), ("ewc", False),

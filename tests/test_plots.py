@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import struct
+import warnings
+
 import pandas as pd
+import plotly.graph_objects as go
+import pytest
 
 from forgetting_lib import plots
 
@@ -24,3 +31,36 @@ def test_loss_curves_several_metrics_share_a_colour_per_run():
     assert fig.data[0].line.color == fig.data[1].line.color != fig.data[2].line.color
     assert fig.data[0].line.dash != fig.data[1].line.dash
     assert list(fig.data[3].y) == [3.4]  # missing values are dropped per metric
+
+
+def _browser() -> str | None:
+    """A Chrome/Chromium kaleido can drive: $BROWSER_PATH or one on PATH."""
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+    return os.environ.get("BROWSER_PATH") or next(filter(None, map(shutil.which, names)), None)
+
+
+def test_save_writes_html_and_a_png_of_the_requested_size(tmp_path):
+    pytest.importorskip("kaleido")
+    if _browser() is None:
+        pytest.skip("no Chrome/Chromium for kaleido (CI installs Debian's chromium)")
+    written = plots.save(plots.loss_curves(_runs()), tmp_path / "fig.html", width=640, height=360)
+    assert written == [tmp_path / "fig.html", tmp_path / "fig.png"]
+    head = (tmp_path / "fig.png").read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    assert struct.unpack(">II", head[16:24]) == (640, 360)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "fig.png"]  # no temp left
+
+
+def test_save_without_a_png_engine_writes_html_and_warns_once(tmp_path, monkeypatch):
+    def no_engine(self, *args, **kwargs):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed.")
+
+    monkeypatch.setattr(go.Figure, "write_image", no_engine)
+    monkeypatch.setattr(plots, "_warned_no_png", False)
+    fig = plots.loss_curves(_runs())
+    with pytest.warns(UserWarning, match="kaleido.*chromium"):
+        assert plots.save(fig, tmp_path / "a.png") == [tmp_path / "a.html"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plots.save(fig, tmp_path / "b") == [tmp_path / "b.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html"]

@@ -1,0 +1,119 @@
+"""Figure tables, claim checks and the figure notebooks at a tiny scale (synthetic data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forgetting_lib import figures, notebooks
+
+from finetune_fixtures import noisy_chain
+from tokenfiles import write_token_file
+
+V, T, B = 64, 16, 4
+PRETRAIN = {"model": {"D": 32, "L": 1, "H": 16, "V": V, "dtype": "float32"},
+            "data": {"T": T, "batch_size": B, "valid_tokens": 8 * T, "microbatch_rows": B},
+            "opt": {"lr": 3e-3, "warmup_tokens": 0}, "stop": {"num_tokens_train": 30 * B * T},
+            "log": {"every_tokens": 10 * B * T, "progress": False}}
+FINETUNE = {"data": {"T": T, "batch_size": B, "valid_tokens": 8 * T, "microbatch_rows": B},
+            "opt": {"lr": 3e-3, "warmup_tokens": 0},
+            "reg": {"coeff": 1.0, "replay_batch_size": 2, "buffer": 2},
+            "stop": {"num_tokens_train": 8 * B * T, "target_loss": 3.9},
+            "log": {"every_tokens": 2 * B * T, "progress": False, "eval_kl": False}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("figure_data")
+    return {"old": str(write_token_file(root / "old.bin", 0, vocab_size=V, dataset_token=1,
+                                        tokens=noisy_chain(300 * T, seed=0))),
+            "new": str(write_token_file(root / "new.bin", 0, vocab_size=V, dataset_token=2,
+                                        tokens=noisy_chain(200 * T, seed=1)))}
+
+
+def pretrain_stage(data, out, lrs=(3e-3,)):
+    return {"base": PRETRAIN, "set": {"data.path": data["old"]}, "grid": {"opt.lr": list(lrs)},
+            "out": str(out / "pretrain")}
+
+
+def finetune_stage(data, grid, **set_):
+    return {"base": FINETUNE, "after": "pretrain", "set": {"data.path": data["new"], **set_}, "grid": grid}
+
+
+def run_figure(name, spec, tmp_path, target):
+    params = {"sweep": spec, "target_loss": target, "workers": 1, "notebook_runs": False,
+              "figures_dir": str(tmp_path / "figures")}
+    executed = notebooks.run_notebook(f"notebooks/figures/{name}.ipynb", params, tmp_path / "nb",
+                                      cwd=Path(__file__).resolve().parents[1])
+    outputs = json.dumps([c.get("outputs") for c in json.loads(executed.read_text())["cells"]])
+    assert (tmp_path / "figures" / f"{name}.html").is_file()
+    return outputs
+
+
+def test_method_comp_notebook(tmp_path, data):
+    spec = {"out": str(tmp_path / "mc"), "stages": {
+        "pretrain": pretrain_stage(data, tmp_path),
+        "finetune": finetune_stage(data, {"method": {
+            "standard": {"reg.method": "none"}, "lora_r16": {"lora.rank": 4},
+            "kl_real": {"reg.method": "kl_pre"}, "kl_self": {"reg.method": "kl_pre", "reg.synth": True}}})}}
+    outputs = run_figure("method_comp", spec, tmp_path, 3.9)
+    for text in ("kl_self", "paper_forgetting", "KL self forgets", "LoRA forgets"):
+        assert text in outputs
+
+
+def test_learning_rate_notebook(tmp_path, data):
+    spec = {"out": str(tmp_path / "lr"), "stages": {
+        "pretrain": pretrain_stage(data, tmp_path, lrs=(1e-3, 3e-3)),
+        "finetune": finetune_stage(data, {"ft_lr": {"3e-3": {"opt.lr": 3e-3}, "1e-3": {"opt.lr": 1e-3}},
+                                          "reg": {"none": {"reg.method": "none"}, "kl": {"reg.method": "kl_pre"}}})}}
+    outputs = run_figure("learning_rate", spec, tmp_path, 3.9)
+    for text in ("lr_x_steps", "KL forgets less than no regularisation", "pretrain LR 0.001"):
+        assert text in outputs
+
+
+def test_high_lr_notebook(tmp_path, data):
+    spec = {"out": str(tmp_path / "hl"), "stages": {
+        "pretrain": pretrain_stage(data, tmp_path),
+        "finetune": finetune_stage(data, {"ft_lr": {"3e-3": {"opt.lr": 3e-3}, "1e-3": {"opt.lr": 1e-3}},
+                                          "reg": {"none": {"reg.method": "none"}}}),
+        "replay": finetune_stage(data, {"reg.coeff": [0.25, 0.5]}, **{"reg.method": "replace"})}}
+    outputs = run_figure("high_lr", spec, tmp_path, 3.9)
+    assert "B: replay at high LR" in outputs and "A: lower LR" in outputs
+
+
+def hl_table(rows):
+    return pd.DataFrame(rows, columns=["sweep", "lr", "replay_fraction", "old_loss", "train_time_s",
+                                       "reached_target"])
+
+
+def test_high_lr_claim_compares_the_fastest_replay_run_that_matches_the_best_low_lr_run():
+    table = hl_table([("A: lower LR", 1e-3, 0.0, 7.0, 2.0, True), ("A: lower LR", 1e-4, 0.0, 6.0, 40.0, True),
+                      ("A: lower LR", 1e-5, 0.0, 6.5, 400.0, True),  # slower and worse: not the best
+                      ("B: replay at high LR", 1e-3, 1 / 32, 6.2, 2.1, True),   # not below 6.0
+                      ("B: replay at high LR", 1e-3, 1 / 8, 5.5, 3.0, True),
+                      ("B: replay at high LR", 1e-3, 1 / 4, 5.0, 5.0, True)])
+    (holds, numbers), = figures.high_lr_claims(table).values()
+    assert holds and numbers.startswith("13.3x")
+    table.loc[4, "train_time_s"] = 4.5  # now 40 / 4.5 < 10
+    (holds, numbers), = figures.high_lr_claims(table).values()
+    assert not holds and numbers.startswith("8.9x")
+    table["old_loss"] = np.where(table["sweep"].str.startswith("B"), 6.1, table["old_loss"])
+    (holds, numbers), = figures.high_lr_claims(table).values()
+    assert not holds and "best low-LR (LR 0.0001) old loss 6.000" in numbers
+
+
+def test_learning_rate_claims_on_a_hand_made_table():
+    rows = []
+    for reg, scale in (("none", 1.0), ("kl", 0.1)):
+        for lr, f in ((1e-2, 2.0), (1e-3, 1.2), (1e-4, 1.0), (1e-5, 0.98)):
+            rows.append({"pretrain_lr": 3e-3, "ft_lr": lr, "reg": reg, "forgetting": f * scale,
+                         "steps": 10 / lr, "lr_x_steps": 10.0})
+    claims = figures.learning_rate_claims(pd.DataFrame(rows))
+    assert all(holds for holds, _ in claims.values()), claims
+    rows[3]["forgetting"] = 0.5  # the last drop is now the largest: no levelling off
+    claims = figures.learning_rate_claims(pd.DataFrame(rows))
+    assert not claims["pretrain LR 0.003: and levels off (last drop < half the first)"][0]
