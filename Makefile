@@ -5,7 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart reproduce test bench clean
+
+SCALE ?= quick
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +19,11 @@ setup: $(STAMP)
 
 quickstart: setup
 	$(BIN)/python -m forgetting_lib quickstart --out outputs/quickstart
+
+# Every figure of the paper at SCALE (quick: 2 CPU cores; paper: accelerators), e.g.
+# make reproduce SCALE=paper FIGURES="method_comp high_lr"
+reproduce: setup
+	$(BIN)/python -m forgetting_lib reproduce --scale $(SCALE) $(FIGURES)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

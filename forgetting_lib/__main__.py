@@ -87,6 +87,18 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    """Data notebooks 01-02, then every figure notebook at one scale."""
+    from . import figures
+
+    results = figures.reproduce(args.scale, args.figures or None, args.out)
+    failed = [name for name, value in results.items() if not isinstance(value, float)]
+    print(f"reproduce: {len(results) - len(failed)} notebooks done, {len(failed)} failed"
+          f"{': ' + ', '.join(failed) if failed else ''}; figures in {args.out}/{args.scale}")
+    if failed:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per pipeline step."""
     parser = argparse.ArgumentParser(prog="python -m forgetting_lib", description=__doc__.split("\n")[0])
@@ -136,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the points and their folders, run nothing")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("reproduce", help="run the data notebooks and every figure notebook at a scale")
+    p.add_argument("figures", nargs="*", help="only these figures, e.g. method_comp (default: all)")
+    p.add_argument("--scale", default="quick", choices=("quick", "paper"))
+    p.add_argument("--out", default="outputs/figures", help="executed notebooks go to OUT/SCALE/notebooks")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("notebook", help="execute one notebook with papermill")
     p.add_argument("notebook", help="name (03_pretrain) or path of the notebook")

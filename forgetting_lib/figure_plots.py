@@ -11,7 +11,7 @@ from plotly.subplots import make_subplots
 COLOURS = plotly.colors.qualitative.Plotly
 
 
-def method_comp(df: pd.DataFrame, table: pd.DataFrame, target: float) -> go.Figure:
+def method_comp(df: pd.DataFrame, table: pd.DataFrame, target: float | None) -> go.Figure:
     """Left: old-data loss against new-data loss along every method's finetuning run (a run moves
     right to left as it learns; lower = less forgetting). Right: forgetting relative to standard
     finetuning at the target, ours beside the paper's."""
@@ -22,7 +22,8 @@ def method_comp(df: pd.DataFrame, table: pd.DataFrame, target: float) -> go.Figu
         fig.add_trace(go.Scatter(x=run["valid_ntp"], y=run["prev_ntp"], mode="lines+markers",
                                  name=method, legendgroup=method, line=dict(color=COLOURS[i % len(COLOURS)])),
                       1, 1)
-    fig.add_vline(x=target, line_dash="dot", line_color="grey", annotation_text="target", row=1, col=1)
+    if target is not None:
+        fig.add_vline(x=target, line_dash="dot", line_color="grey", annotation_text="target", row=1, col=1)
     fig.add_trace(go.Bar(x=list(table.index), y=table["vs_standard"], name="ours", marker_color="#1f77b4"), 1, 2)
     fig.add_trace(go.Bar(x=list(table.index), y=table["paper_vs_standard"], name="paper",
                          marker_color="#bbbbbb"), 1, 2)

@@ -23,9 +23,9 @@ DATA_NOTEBOOKS = ("01_tokenizer", "02_binarize")  # the token files every LM fig
 METHODS = ("standard", "lora_r16", "ntp_real", "ntp_self", "kl_real", "kl_self", "ewc")
 
 
-def method_comp_table(df: pd.DataFrame, target: float) -> pd.DataFrame:
+def method_comp_table(df: pd.DataFrame, target: float | None) -> pd.DataFrame:
     """Per method: new/old loss and forgetting at the new-task `target` (or at the best new loss
-    for runs that never reach it), forgetting relative to standard finetuning, and the paper's."""
+    for runs that never reach it, and for every run when `target` is None), forgetting relative to standard finetuning, and the paper's."""
     t = analysis.forgetting_table(df, target).set_index("axis.method")
     t = t.loc[[m for m in METHODS if m in t.index] + [m for m in t.index if m not in METHODS]]
     ref = paper.METHOD_COMP["forgetting"]
@@ -142,7 +142,7 @@ def reproduce(scale: str = "quick", figures: Sequence[str] | None = None,
     executed notebooks go to `<out>/<scale>/notebooks/`, timings to `<out>/<scale>/timings.json`.
     A failing figure is reported and the others still run; returns {name: seconds or error}."""
     from .fileio import atomic_write_json
-    from .notebooks import NOTEBOOK_DIR, NotebookError, run_notebook
+    from .notebooks import run_notebook
 
     folder = Path(out) / scale
     results: dict[str, Any] = {}
@@ -151,11 +151,11 @@ def reproduce(scale: str = "quick", figures: Sequence[str] | None = None,
         start = time.perf_counter()
         print(f"== {name} (params/{scale}/{name}.yaml)", flush=True)
         try:
-            run_notebook(NOTEBOOK_DIR / f"{notebook}.ipynb", Path(params_dir) / scale / f"{name}.yaml",
+            run_notebook(notebook, Path(params_dir) / scale / f"{name}.yaml",
                          folder / "notebooks", stream_output=True)
             results[name] = round(time.perf_counter() - start, 1)
-        except NotebookError as err:
-            results[name] = f"failed: {err}"
+        except Exception as err:  # noqa: BLE001 - one failing figure does not stop the others
+            results[name] = f"failed: {type(err).__name__}: {err}"
         print(f"== {name}: {results[name]}{' s' if isinstance(results[name], float) else ''}", flush=True)
         atomic_write_json(folder / "timings.json", results)
     return results

@@ -32,12 +32,14 @@ class NotebookError(RuntimeError):
 
 
 def notebook_path(name_or_path: str | Path) -> Path:
-    """`notebooks/<name>.ipynb` for a bare name ("03_pretrain"), else the given path."""
+    """`notebooks/<name>.ipynb` for a name ("03_pretrain", "figures/high_lr"), else the given path."""
     path = Path(name_or_path)
-    if path.suffix != ".ipynb" and len(path.parts) == 1:
-        path = NOTEBOOK_DIR / f"{path.name}.ipynb"
+    if path.suffix != ".ipynb" and not path.is_absolute():
+        path = NOTEBOOK_DIR / f"{path}.ipynb"
     if not path.is_file():
-        raise NotebookError(f"notebook {path} does not exist (names: {', '.join(WALKTHROUGH)})")
+        names = sorted(str(p.relative_to(NOTEBOOK_DIR).with_suffix("")) for p in NOTEBOOK_DIR.rglob("*.ipynb")
+                       if ".ipynb_checkpoints" not in p.parts)
+        raise NotebookError(f"notebook {path} does not exist (names: {', '.join(names)})")
     return path
 
 

@@ -47,7 +47,7 @@ def finetune_stage(data, grid, **set_):
 def run_figure(name, spec, tmp_path, target):
     params = {"sweep": spec, "target_loss": target, "workers": 1, "notebook_runs": False,
               "figures_dir": str(tmp_path / "figures")}
-    executed = notebooks.run_notebook(f"notebooks/figures/{name}.ipynb", params, tmp_path / "nb",
+    executed = notebooks.run_notebook(f"figures/{name}", params, tmp_path / "nb",
                                       cwd=Path(__file__).resolve().parents[1])
     outputs = json.dumps([c.get("outputs") for c in json.loads(executed.read_text())["cells"]])
     assert (tmp_path / "figures" / f"{name}.html").is_file()
@@ -117,3 +117,36 @@ def test_learning_rate_claims_on_a_hand_made_table():
     rows[3]["forgetting"] = 0.5  # the last drop is now the largest: no levelling off
     claims = figures.learning_rate_claims(pd.DataFrame(rows))
     assert not claims["pretrain LR 0.003: and levels off (last drop < half the first)"][0]
+
+
+def test_reproduce_runs_data_notebooks_then_figures_and_survives_a_failing_one(tmp_path, data):
+    import yaml
+
+    from test_notebooks import _write_corpus
+
+    corpora = {lang: _write_corpus(tmp_path, lang) for lang in ("en", "es")}
+    scale = tmp_path / "params" / "quick"
+    scale.mkdir(parents=True)
+    files = {
+        "01_tokenizer": {"corpora": corpora, "tokenizer_dir": str(tmp_path / "tok"), "vocab_size": 320,
+                         "chars_per_corpus": 20_000, "stats_documents": 5, "examples": ["the lord"],
+                         "figures_dir": str(tmp_path / "figures")},
+        "02_binarize": {"corpora": corpora, "dataset_ids": {"en": 0, "es": 1}, "tokenizer_dir": str(tmp_path / "tok"),
+                        "data_dir": str(tmp_path / "data"), "max_tokens": 2000, "T": 16, "show_rows": 1,
+                        "figures_dir": str(tmp_path / "figures")},
+        "high_lr": {"sweep": {"out": str(tmp_path / "hl"), "stages": {
+            "pretrain": pretrain_stage(data, tmp_path),
+            "finetune": finetune_stage(data, {"ft_lr": {"3e-3": {"opt.lr": 3e-3}}, "reg": {"none": {"reg.method": "none"}}}),
+            "replay": finetune_stage(data, {"reg.coeff": [0.25]}, **{"reg.method": "replace"})}},
+            "target_loss": 3.9, "notebook_runs": False, "figures_dir": str(tmp_path / "figures")},
+    }
+    for name, values in files.items():
+        (scale / f"{name}.yaml").write_text(yaml.safe_dump(values))
+    results = figures.reproduce("quick", ["no_such_figure", "high_lr"], out=tmp_path / "out",
+                                params_dir=tmp_path / "params")
+    assert list(results) == ["01_tokenizer", "02_binarize", "no_such_figure", "high_lr"]
+    assert str(results["no_such_figure"]).startswith("failed:")
+    assert all(isinstance(results[n], float) for n in ("01_tokenizer", "02_binarize", "high_lr"))
+    assert (tmp_path / "data" / "en.bin").is_file() and (tmp_path / "figures" / "high_lr.html").is_file()
+    assert (tmp_path / "out" / "quick" / "notebooks" / "high_lr.ipynb").is_file()
+    assert json.loads((tmp_path / "out" / "quick" / "timings.json").read_text()) == results

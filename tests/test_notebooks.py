@@ -159,3 +159,10 @@ def test_failing_notebook_names_notebook_and_cell(tmp_path):
 def test_unknown_parameter_is_an_error(tmp_path):
     with pytest.raises(NotebookError, match="unknown parameter.*vocab_sise"):
         run_notebook("01_tokenizer", {"vocab_sise": 10}, tmp_path)
+
+
+def test_notebooks_are_found_by_name_including_figures():
+    assert notebooks.notebook_path("03_pretrain") == ROOT / "notebooks" / "03_pretrain.ipynb"
+    assert notebooks.notebook_path("figures/high_lr") == ROOT / "notebooks" / "figures" / "high_lr.ipynb"
+    with pytest.raises(notebooks.NotebookError, match=r"does not exist \(names: .*figures/method_comp"):
+        notebooks.notebook_path("figures/no_such")
