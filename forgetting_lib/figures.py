@@ -38,8 +38,10 @@ def method_comp_table(df: pd.DataFrame, target: float | None) -> pd.DataFrame:
     return out.rename_axis("method")
 
 
-def method_comp_claims(table: pd.DataFrame) -> dict[str, tuple[bool, str]]:
-    """The issue's acceptance checks on `method_comp_table`."""
+def method_comp_claims(table: pd.DataFrame, df: pd.DataFrame | None = None) -> dict[str, tuple[bool, str]]:
+    """The issue's acceptance checks on `method_comp_table`. LoRA usually never reaches the
+    target, so (given the runs `df`) it is compared with standard finetuning read at LoRA's best
+    new-task loss: equal new-task performance."""
     f = table["forgetting"]
     out = {}
     if {"standard", "kl_self"} <= set(f.index):
@@ -50,8 +52,13 @@ def method_comp_claims(table: pd.DataFrame) -> dict[str, tuple[bool, str]]:
         out["|KL self - KL real| <= 0.1 x standard"] = (
             bool(gap <= 0.1 * f["standard"]), f"{gap:.3f} vs {0.1 * f['standard']:.3f}")
     if {"standard", "lora_r16"} <= set(f.index):
-        out["LoRA forgets at least ~as much as standard"] = (
-            bool(f["lora_r16"] >= 0.9 * f["standard"]), f"{f['lora_r16']:.3f} vs {f['standard']:.3f}")
+        level, ref = table.loc["lora_r16", "new_loss"], f["standard"]
+        if df is not None:
+            std = analysis.forgetting_table(df[df["axis.method"] == "standard"], level)
+            ref = float(std["forgetting"].iloc[0]) if bool(std["reached"].iloc[0]) else ref
+        out["LoRA forgets at least ~as much as standard at equal new-task loss"] = (
+            bool(f["lora_r16"] >= 0.9 * ref),
+            f"{f['lora_r16']:.3f} vs standard {ref:.3f} at new-task loss {level:.3f}")
     return out
 
 

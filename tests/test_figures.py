@@ -150,3 +150,20 @@ def test_reproduce_runs_data_notebooks_then_figures_and_survives_a_failing_one(t
     assert (tmp_path / "data" / "en.bin").is_file() and (tmp_path / "figures" / "high_lr.html").is_file()
     assert (tmp_path / "out" / "quick" / "notebooks" / "high_lr.ipynb").is_file()
     assert json.loads((tmp_path / "out" / "quick" / "timings.json").read_text()) == results
+
+
+def test_lora_is_compared_with_standard_at_its_own_best_new_loss():
+    def run(name, news, olds):
+        return pd.DataFrame({"run": name, "axis.method": name, "step": range(len(news)), "tokens": 0,
+                             "train_time_s": 0.0, "valid_ntp": news, "prev_ntp": olds,
+                             "parent.final_valid_ntp": 4.0})
+    df = pd.concat([run("standard", [9.0, 7.0, 6.0], [4.0, 5.0, 7.0]),     # 1.0 forgotten at 7.0
+                    run("lora_r16", [9.0, 8.0, 7.0], [4.0, 4.8, 5.2])])    # 1.2 at its best, 7.0
+    table = figures.method_comp_table(df, 6.0)
+    assert table.loc["standard", "forgetting"] == pytest.approx(3.0)
+    assert not table.loc["lora_r16", "reached_target"]
+    holds, numbers = figures.method_comp_claims(table, df)["LoRA forgets at least ~as much as standard at equal new-task loss"]
+    assert holds and numbers == "1.200 vs standard 1.000 at new-task loss 7.000"
+    df.loc[df["run"] == "lora_r16", "prev_ntp"] = [4.0, 4.5, 4.7]  # 0.7 < 0.9 x 1.0
+    assert not figures.method_comp_claims(figures.method_comp_table(df, 6.0), df)[
+        "LoRA forgets at least ~as much as standard at equal new-task loss"][0]
