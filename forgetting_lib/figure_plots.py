@@ -24,7 +24,10 @@ def method_comp(df: pd.DataFrame, table: pd.DataFrame, target: float | None) -> 
                       1, 1)
     if target is not None:
         fig.add_vline(x=target, line_dash="dot", line_color="grey", annotation_text="target", row=1, col=1)
-    fig.add_trace(go.Bar(x=list(table.index), y=table["vs_standard"], name="ours", marker_color="#1f77b4"), 1, 2)
+    fig.add_trace(go.Bar(x=list(table.index), y=table["vs_standard"], name="ours", marker_color="#1f77b4",
+                         text=["" if r else "best" for r in table["reached_target"]],
+                         textposition="outside", hovertext="best: never reached the target; read at "
+                                                           "its best new-task loss"), 1, 2)
     fig.add_trace(go.Bar(x=list(table.index), y=table["paper_vs_standard"], name="paper",
                          marker_color="#bbbbbb"), 1, 2)
     fig.update_xaxes(title_text="new-data (Spanish) loss, nats/token", autorange="reversed", row=1, col=1)
@@ -63,11 +66,12 @@ def high_lr(lr_df: pd.DataFrame, replay_df: pd.DataFrame, table: pd.DataFrame, t
     fig = go.Figure()
     blues, reds = plotly.colors.sequential.Blues[3:], plotly.colors.sequential.Reds[3:]
     for df, colours, label in ((lr_df, blues, "LR {lr:g}"), (replay_df, reds, "LR {lr:g} + {frac:g} replay")):
-        for i, (run, frame) in enumerate(df.groupby("run", sort=True)):
-            frame = frame.sort_values("step")
-            frame = frame[frame["train_time_s"] > 0]
-            frac = float(frame["reg.coeff"].iloc[0]) if frame["reg.method"].iloc[0] == "replace" else 0.0
-            name = label.format(lr=float(frame["opt.lr"].iloc[0]), frac=frac)
+        runs = [frame.sort_values("step") for _, frame in df.groupby("run")]
+        fractions = [float(f["reg.coeff"].iloc[0]) if f["reg.method"].iloc[0] == "replace" else 0.0 for f in runs]
+        order = sorted(range(len(runs)), key=lambda k: (-float(runs[k]["opt.lr"].iloc[0]), fractions[k]))
+        for i, k in enumerate(order):  # highest LR / least replay first, lightest colour
+            frame = runs[k][runs[k]["train_time_s"] > 0]
+            name = label.format(lr=float(frame["opt.lr"].iloc[0]), frac=fractions[k])
             fig.add_trace(go.Scatter(x=frame["train_time_s"], y=frame["prev_ntp"], mode="lines+markers",
                                      name=name, line=dict(color=colours[i % len(colours)])))
     reached = table[table["reached_target"]]

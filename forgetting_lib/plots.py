@@ -64,9 +64,11 @@ def tradeoff(df: pd.DataFrame, *, x: str = "valid_ntp", y: str = "prev_ntp",
     return fig
 
 
-def save(fig: go.Figure, path: str | Path, *, width: int = 900, height: int = 500) -> list[Path]:
+def save(fig: go.Figure, path: str | Path, *, width: int | None = None,
+         height: int | None = None) -> list[Path]:
     """Write `path` as self-contained .html and, where a static engine works, the same name as a
-    `width` x `height` .png; returns the paths written.
+    `width` x `height` .png (default: the figure's own layout size, else 900 x 500); returns the
+    paths written.
 
     The PNG engine is kaleido (a project dependency), which drives a Chrome/Chromium it finds on
     PATH, at the usual install paths (e.g. Debian's /usr/bin/chromium) or at $BROWSER_PATH. Where
@@ -80,7 +82,8 @@ def save(fig: go.Figure, path: str | Path, *, width: int = 900, height: int = 50
     png = path.with_suffix(".png")
     tmp = png.with_name(f".{png.stem}.{os.getpid()}.tmp.png")
     try:
-        fig.write_image(tmp, format="png", width=width, height=height)
+        fig.write_image(tmp, format="png", width=width or fig.layout.width or 900,
+                        height=height or fig.layout.height or 500)
         os.replace(tmp, png)  # atomic: a reader never sees a half-written PNG
         written.append(png)
     except Exception as err:  # noqa: BLE001 - no kaleido/Chromium: HTML alone is the figure

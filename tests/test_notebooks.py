@@ -166,3 +166,11 @@ def test_notebooks_are_found_by_name_including_figures():
     assert notebooks.notebook_path("figures/high_lr") == ROOT / "notebooks" / "figures" / "high_lr.ipynb"
     with pytest.raises(notebooks.NotebookError, match=r"does not exist \(names: .*figures/method_comp"):
         notebooks.notebook_path("figures/no_such")
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_papermill_sees_every_parameter(path):
+    """papermill's own parser (`papermill --help-notebook`) must read every parameter line."""
+    import papermill
+
+    assert list(papermill.inspect_notebook(str(path))) == list(parameters_of(path))

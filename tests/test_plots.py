@@ -49,6 +49,9 @@ def test_save_writes_html_and_a_png_of_the_requested_size(tmp_path):
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
     assert struct.unpack(">II", head[16:24]) == (640, 360)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html", "fig.png"]  # no temp left
+    fig = plots.loss_curves(_runs()).update_layout(width=700, height=300)  # the figure's own size
+    plots.save(fig, tmp_path / "own")
+    assert struct.unpack(">II", (tmp_path / "own.png").read_bytes()[16:24]) == (700, 300)
 
 
 def test_save_without_a_png_engine_writes_html_and_warns_once(tmp_path, monkeypatch):
