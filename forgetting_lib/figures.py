@@ -23,9 +23,12 @@ DATA_NOTEBOOKS = ("01_tokenizer", "02_binarize")  # the token files every LM fig
 METHODS = ("standard", "lora_r16", "ntp_real", "ntp_self", "kl_real", "kl_self", "ewc")
 
 
-def method_comp_table(df: pd.DataFrame, target: float | None) -> pd.DataFrame:
+def method_comp_table(df: pd.DataFrame, target: float | None,
+                      pretrain: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per method: new/old loss and forgetting at the new-task `target` (or at the best new loss
-    for runs that never reach it, and for every run when `target` is None), forgetting relative to standard finetuning, and the paper's."""
+    for runs that never reach it, and for every run when `target` is None), forgetting relative
+    to standard finetuning, and the paper's. Given the parent's pretraining run (`pretrain`, one
+    run), also the compute multiplier: the fraction of pretraining whose English loss survives."""
     t = analysis.forgetting_table(df, target).set_index("axis.method")
     t = t.loc[[m for m in METHODS if m in t.index] + [m for m in t.index if m not in METHODS]]
     ref = paper.METHOD_COMP["forgetting"]
@@ -35,6 +38,8 @@ def method_comp_table(df: pd.DataFrame, target: float | None) -> pd.DataFrame:
         "reached_target": t["reached"], "tokens": t["tokens"],
         "paper_forgetting": [ref.get(m, np.nan) for m in t.index],
         "paper_vs_standard": [ref.get(m, np.nan) / ref["standard"] for m in t.index]})
+    if pretrain is not None:
+        out["compute_multiplier"] = [analysis.compute_multiplier(pretrain, x) for x in t["old_loss"]]
     return out.rename_axis("method")
 
 

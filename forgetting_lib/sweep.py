@@ -279,7 +279,7 @@ def run_sweep(spec: str | Path | Mapping[str, Any] | Spec, *, workers: int = 1, 
                 f"({record['seconds']:.0f} s){': ' + record['error'] if record.get('error') else ''}")
             _write_record(spec.out, records)
         _write_record(spec.out, records)
-    table = summary_table(list(records.values()))
+    table = summary_table([records[k] for k in ((p.stage, p.id) for p in plan(spec)) if k in records])
     log(f"sweep: {len(table)} points in {time.perf_counter() - start:.0f} s\n{table.to_string()}")
     return table
 

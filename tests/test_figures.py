@@ -61,7 +61,7 @@ def test_method_comp_notebook(tmp_path, data):
             "standard": {"reg.method": "none"}, "lora_r16": {"lora.rank": 4},
             "kl_real": {"reg.method": "kl_pre"}, "kl_self": {"reg.method": "kl_pre", "reg.synth": True}}})}}
     outputs = run_figure("method_comp", spec, tmp_path, 3.9)
-    for text in ("kl_self", "paper_forgetting", "KL self forgets", "LoRA forgets"):
+    for text in ("kl_self", "paper_forgetting", "compute_multiplier", "KL self forgets", "LoRA forgets"):
         assert text in outputs
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +144,39 @@ def test_a_changed_spec_does_not_silently_reuse_a_finished_point(tmp_path, data)
     assert table.loc[0, "status"] == "failed" and "opt.lr" in table.loc[0, "error"]
 
 
+def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, data):
+    """SIGKILL the sweep CLI while its second point trains (after that point's first checkpoint):
+    rerunning the spec keeps the first point, resumes the second from its checkpoint."""
+    long = {**PRETRAIN, "stop": {"num_tokens_train": 300 * B * T},
+            "log": {"every_tokens": 20 * B * T, "checkpoint_every_tokens": 20 * B * T, "progress": False}}
+    spec = {"out": str(tmp_path), "base": long, "set": {"data.path": str(data["old"])},
+            "grid": {"run.seed": [0, 1]}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    second = tmp_path / "runs" / "seed=1"
+    child = subprocess.Popen([sys.executable, "-m", "forgetting_lib", "sweep", str(tmp_path / "spec.yaml"),
+                              "--no-notebook"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (second / runs.CHECKPOINT / "meta.json").exists():
+            assert child.poll() is None, child.communicate()[0].decode()[-3000:]
+            assert time.monotonic() < deadline, "the second point never checkpointed"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert runs.is_finished(tmp_path / "runs" / "seed=0") and not runs.is_finished(second)
+    recorded = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert [(r["point"], r["status"]) for r in recorded] == [("seed=0", "finished")]
+    resumed_from = json.loads((second / runs.CHECKPOINT / "meta.json").read_text())["tracker"]["step"]
+    assert resumed_from > 0
+    table = sweep.run_sweep(spec, notebook=False, log=lambda _: None)
+    assert list(table["status"]) == ["done", "finished"]
+    steps = [r["step"] for r in runs.read_metrics(second)]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 300  # continued, not restarted
+
+
 class InOrderExecutor:
     """A minimal non-concurrent.futures executor (the interface a cluster executor offers)."""
 
@@ -174,13 +210,14 @@ def test_points_can_run_on_any_executor_and_in_parallel_processes(tmp_path, data
 
 
 def test_notebook_mode_keeps_the_executed_notebook_as_the_points_log(tmp_path, data):
-    spec = {"out": str(tmp_path), "base": PRETRAIN, "set": {"data.path": str(data["old"])}}
-    table = sweep.run_sweep(spec, workers=1, log=lambda _: None)
-    assert list(table["status"]) == ["finished"]
-    executed = tmp_path / "runs" / "base" / "train_run.ipynb"
+    spec = {"out": str(tmp_path), "base": PRETRAIN, "set": {"data.path": str(data["old"])},
+            "grid": {"run.seed": [0, 1]}}
+    table = sweep.run_sweep(spec, workers=2, log=lambda _: None)  # two kernels at once
+    assert list(table["status"]) == ["finished", "finished"]
+    executed = tmp_path / "runs" / "seed=0" / "train_run.ipynb"
     outputs = json.dumps([c.get("outputs") for c in json.loads(executed.read_text())["cells"]])
     assert "num_tokens_train" in outputs and "valid_ntp" in outputs  # the summary and the curves
-    assert runs.is_finished(tmp_path / "runs" / "base")
+    assert runs.is_finished(tmp_path / "runs" / "seed=1") and (tmp_path / "runs" / "seed=1" / "train_run.ipynb").is_file()
 
 
 def test_cli_dry_run_lists_points_and_a_failure_exits_nonzero(tmp_path, data, capsys):
