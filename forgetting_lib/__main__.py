@@ -83,7 +83,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         return
     table = sweep.run_sweep(args.spec, workers=args.workers, notebook=not args.no_notebook,
                             stages=args.stage or None)
-    if (table["status"] == "failed").any():
+    if table["status"].isin(["failed", "blocked"]).any():  # a sweep that did not finish is not ok
         raise SystemExit(1)
 
 

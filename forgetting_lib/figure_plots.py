@@ -71,6 +71,8 @@ def high_lr(lr_df: pd.DataFrame, replay_df: pd.DataFrame, table: pd.DataFrame, t
         order = sorted(range(len(runs)), key=lambda k: (-float(runs[k]["opt.lr"].iloc[0]), fractions[k]))
         for i, k in enumerate(order):  # highest LR / least replay first, lightest colour
             frame = runs[k][runs[k]["train_time_s"] > 0]
+            if frame.empty:
+                continue
             name = label.format(lr=float(frame["opt.lr"].iloc[0]), frac=fractions[k])
             fig.add_trace(go.Scatter(x=frame["train_time_s"], y=frame["prev_ntp"], mode="lines+markers",
                                      name=name, line=dict(color=colours[i % len(colours)])))

@@ -117,6 +117,12 @@ def run_notebook(name_or_path: str | Path, parameters: str | Path | Mapping[str,
     return out
 
 
+def plain_progress() -> contextlib.AbstractContextManager[None]:
+    """Kernels started inside this block print progress as plain periodic lines (set it once
+    around threads that start kernels concurrently, so they do not race on os.environ)."""
+    return _environment(FORGETTING_PLAIN_PROGRESS="1")
+
+
 @contextlib.contextmanager
 def _environment(**values: str) -> Iterator[None]:
     """Set environment variables (inherited by the kernel) for the duration of the block."""

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from forgetting_lib import figures, notebooks
+from forgetting_lib import figures, notebooks, sweep
 
 from finetune_fixtures import noisy_chain
 from tokenfiles import write_token_file
@@ -63,6 +63,10 @@ def test_method_comp_notebook(tmp_path, data):
     outputs = run_figure("method_comp", spec, tmp_path, 3.9)
     for text in ("kl_self", "paper_forgetting", "compute_multiplier", "KL self forgets", "LoRA forgets"):
         assert text in outputs
+    table = figures.method_comp_table(sweep.load_stage(spec, "finetune"), 3.9, sweep.load_stage(spec, "pretrain"))
+    assert list(table.index) == ["standard", "lora_r16", "kl_real", "kl_self"]
+    assert table[["forgetting", "old_loss", "compute_multiplier"]].notna().all().all()
+    assert table.loc["standard", "vs_standard"] == 1.0
 
 
 def test_learning_rate_notebook(tmp_path, data):
@@ -73,6 +77,9 @@ def test_learning_rate_notebook(tmp_path, data):
     outputs = run_figure("learning_rate", spec, tmp_path, 3.9)
     for text in ("lr_x_steps", "KL forgets less than no regularisation", "pretrain LR 0.001"):
         assert text in outputs
+    table = figures.learning_rate_table(sweep.load_stage(spec, "finetune"), 3.9)
+    assert len(table) == 8 and set(table["pretrain_lr"]) == {1e-3, 3e-3} and set(table["reg"]) == {"none", "kl"}
+    assert table[["forgetting", "steps"]].notna().all().all()
 
 
 def test_high_lr_notebook(tmp_path, data):
@@ -83,6 +90,8 @@ def test_high_lr_notebook(tmp_path, data):
         "replay": finetune_stage(data, {"reg.coeff": [0.25, 0.5]}, **{"reg.method": "replace"})}}
     outputs = run_figure("high_lr", spec, tmp_path, 3.9)
     assert "B: replay at high LR" in outputs and "A: lower LR" in outputs
+    table = figures.high_lr_table(sweep.load_stage(spec, "finetune"), sweep.load_stage(spec, "replay"), 3.9)
+    assert sorted(table["replay_fraction"]) == [0.0, 0.0, 0.25, 0.5] and table["old_loss"].notna().all()
 
 
 def hl_table(rows):
@@ -111,12 +120,16 @@ def test_learning_rate_claims_on_a_hand_made_table():
     for reg, scale in (("none", 1.0), ("kl", 0.1)):
         for lr, f in ((1e-2, 2.0), (1e-3, 1.2), (1e-4, 1.0), (1e-5, 0.98)):
             rows.append({"pretrain_lr": 3e-3, "ft_lr": lr, "reg": reg, "forgetting": f * scale,
-                         "steps": 10 / lr, "lr_x_steps": 10.0})
+                         "steps": 10 / lr, "lr_x_steps": 10.0, "reached_target": True})
     claims = figures.learning_rate_claims(pd.DataFrame(rows))
     assert all(holds for holds, _ in claims.values()), claims
     rows[3]["forgetting"] = 0.5  # the last drop is now the largest: no levelling off
     claims = figures.learning_rate_claims(pd.DataFrame(rows))
     assert not claims["pretrain LR 0.003: and levels off (last drop < half the first)"][0]
+    rows[3].update(forgetting=0.98, reached_target=False)  # a run off the target is not evidence
+    claims = figures.learning_rate_claims(pd.DataFrame(rows, index=[f"r{i}" for i in range(len(rows))]))
+    assert claims["every run reached the target"] == (False, "r3")
+    assert claims["pretrain LR 0.003: forgetting falls as the FT LR falls"][1] == "2.000 > 1.200 > 1.000"
 
 
 def test_reproduce_runs_data_notebooks_then_figures_and_survives_a_failing_one(tmp_path, data):

@@ -86,10 +86,23 @@ def test_single_stage_spec_and_figure_file_wrapper(tmp_path, data):
     ({"out": "o", "stages": {"a": {"base": {}, "after": "b"}}}, "not a stage"),
     ({"out": "o", "stages": {"a": {"base": {}, "after": "b"}, "b": {"base": {}, "after": "a"}}}, "cycle"),
     ({"out": "o", "stagse": {}}, "stagse"),
+    ({"out": "o", "set": {"opt.lr": 0.5}, "stages": {"a": {"base": {}}}}, "would be ignored"),
+    ({"out": "o", "stages": {"a": {"base": {}, "grid": {"method": {"plain": "none"}}}}}, "must map to dotted"),
+    ({"out": "o", "base": {}, "grid": {"opt.lr": [1e-3, 0.001]}}, "share the folder"),
+    ({"out": "o", "base": {}, "grid": {"m": {"kl/self": {}, "kl self": {}}}}, "share the folder"),
 ])
 def test_bad_specs_are_rejected_with_the_key(spec, message):
     with pytest.raises(SweepError, match=message):
-        sweep.load_spec(spec)
+        sweep.plan(spec)
+
+
+def test_axes_sharing_a_short_name_keep_their_full_keys_and_floats_keep_every_digit(tmp_path):
+    spec = {"out": str(tmp_path), "base": PRETRAIN,
+            "grid": {"data.valid_tokens": [128, 256], "mix.valid_tokens": [64], "opt.lr": [1.0000001e-3, 1.0000002e-3]}}
+    points = sweep.plan(spec)
+    assert points[0].id == "data.valid_tokens=128__mix.valid_tokens=64__lr=0.0010000001"
+    assert len({p.out_dir for p in points}) == 4
+    assert dict(points[3].labels) == {"data.valid_tokens": "256", "mix.valid_tokens": "64", "lr": "0.0010000002"}
 
 
 def test_a_typo_in_a_point_config_fails_before_any_training(tmp_path, data):
@@ -136,12 +149,23 @@ def test_a_failed_point_is_recorded_blocks_its_children_and_is_retried(tmp_path,
     assert not (tmp_path / "pretrain" / bad / "error.txt").exists()
 
 
-def test_a_changed_spec_does_not_silently_reuse_a_finished_point(tmp_path, data):
-    spec = {"out": str(tmp_path), "base": PRETRAIN, "set": {"data.path": str(data["old"])}}
-    assert list(sweep.run_sweep(spec, notebook=False, log=lambda _: None)["status"]) == ["finished"]
-    spec["set"]["opt.lr"] = 1e-2
-    table = sweep.run_sweep(spec, notebook=False, log=lambda _: None)
-    assert table.loc[0, "status"] == "failed" and "opt.lr" in table.loc[0, "error"]
+def test_a_changed_spec_does_not_silently_reuse_a_finished_point_or_its_children(tmp_path, data):
+    spec = two_stage(tmp_path, data, methods={"plain": {"reg.method": "none"}})
+    spec["stages"]["pretrain"]["grid"] = {"opt.lr": [3e-3]}
+    assert set(sweep.run_sweep(spec, notebook=False, log=lambda _: None)["status"]) == {"finished"}
+    assert len(sweep.load_stage(spec, "finetune")) > 0
+    spec["stages"]["pretrain"]["set"]["opt.warmup_tokens"] = 64  # the parent's config changes
+    table = sweep.run_sweep(spec, notebook=False, log=lambda _: None).set_index("stage")
+    assert table.loc["pretrain", "status"] == "failed"
+    assert "opt.warmup_tokens" in table.loc["pretrain", "error"] and "delete" in table.loc["pretrain", "error"]
+    assert table.loc["finetune", "status"] == "blocked"  # not run (or reported) on the stale parent
+    only_children = sweep.run_sweep(spec, notebook=False, stages=["finetune"], log=lambda _: None)
+    assert list(only_children["status"]) == ["blocked"]
+    assert sweep.load_stage(spec, "finetune").empty and sweep.load_stage(spec, "pretrain").empty  # stale
+    assert len(sweep.load_stage(spec, "pretrain", finished_only=False)) > 0
+    assert sweep.stage_status(spec, "finetune") == {"finished": 0, "points": 1}
+    recorded = {r["stage"]: r["status"] for r in json.loads((tmp_path / "sweep.json").read_text())["points"]}
+    assert recorded == {"pretrain": "failed", "finetune": "blocked"}  # merged across invocations
 
 
 def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, data):
@@ -193,6 +217,46 @@ class InOrderExecutor:
     def submit(self, fn, *args, **kwargs):
         self.submitted += 1
         return self.Job(fn(*args, **kwargs))
+
+
+class LosingExecutor(InOrderExecutor):
+    """Its first job is lost (as when a cluster scheduler kills it)."""
+
+    class Lost:
+        def result(self):
+            raise RuntimeError("job killed by the scheduler")
+
+    def submit(self, fn, *args, **kwargs):
+        return self.Lost() if self.submitted == 0 and not setattr(self, "submitted", 1) else super().submit(fn, *args, **kwargs)
+
+
+def test_a_point_lost_by_the_executor_is_recorded_and_the_others_finish(tmp_path, data):
+    spec = {"out": str(tmp_path), "base": PRETRAIN, "set": {"data.path": str(data["old"])},
+            "grid": {"run.seed": [0, 1]}}
+    table = sweep.run_sweep(spec, notebook=False, executor=LosingExecutor(), log=lambda _: None)
+    assert list(table["status"]) == ["failed", "finished"]
+    assert "job killed by the scheduler" in table.loc[0, "error"]
+
+
+def test_ctrl_c_cancels_the_points_not_started(tmp_path, data, monkeypatch):
+    started = []
+
+    def interrupted(point, *, notebook):
+        started.append(point.id)
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_point", interrupted)
+    spec = {"out": str(tmp_path), "base": PRETRAIN, "grid": {"run.seed": list(range(8))}}
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(spec, notebook=True, workers=2, log=lambda _: None)
+    time.sleep(0.5)
+    assert len(started) <= 3  # the two running ones (and at most one that slipped in), not all 8
+
+
+def test_an_unknown_stage_is_an_error(tmp_path, data):
+    with pytest.raises(SweepError, match="no stage pretrian.*pretrain, finetune"):
+        sweep.run_sweep(two_stage(tmp_path, data), stages=["pretrian"], log=lambda _: None)
 
 
 def test_points_can_run_on_any_executor_and_in_parallel_processes(tmp_path, data):
