@@ -50,10 +50,6 @@ class Setup:
     def lora(self) -> bool:
         return self.cfg.lora.rank > 0
 
-    def materialize(self, trainable: Any) -> Any:
-        """Full parameters from the trainable tree (LoRA: merged into the frozen parent)."""
-        return lora_lib.merge(self.ctx["frozen"], trainable) if self.lora else trainable
-
 
 def auto_eval_rows(T: int) -> int:
     """Evaluation rows per scan step: ~1K tokens on a CPU (cache-resident; measured fastest for

@@ -195,12 +195,9 @@ def reproduce(scale: str = "quick", figures: Sequence[str] | None = None,
 
 
 def sweep_spec(spec: Any, name: str, scale: str = "quick") -> Any:
-    """A figure notebook's sweep spec: `spec` itself, or when None the `sweep:` of
-    `params/<scale>/<name>.yaml`."""
-    if spec is not None:
-        return spec
-    import yaml
-
+    """A figure notebook's sweep spec, parsed once: `spec` (a mapping), or when None the `sweep:`
+    of `params/<scale>/<name>.yaml`."""
     from .notebooks import PROJECT_ROOT
+    from .sweep_spec import load_spec
 
-    return yaml.safe_load((PROJECT_ROOT / "params" / scale / f"{name}.yaml").read_text())["sweep"]
+    return load_spec(PROJECT_ROOT / "params" / scale / f"{name}.yaml" if spec is None else spec)

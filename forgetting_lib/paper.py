@@ -18,15 +18,6 @@ METHOD_COMP = {
                  "kl_real": 1.37, "kl_self": 1.37},
 }
 
-# learning_rate: 5.8M model, constant pretraining LR, FT LR 1e-6..1e-3 to Spanish 3.2.
-LEARNING_RATE = {
-    "forgetting_no_reg_range": (0.5, 1.1),   # falls with FT LR, flat below ~1e-5
-    "forgetting_kl_range": (0.04, 0.16),     # KL coeff 10
-    "flat_below_ft_lr": 1e-5,
-    "old_loss_at_ft_lr_1e-3": {"low_pretrain_lr": 4.322, "high_pretrain_lr": 3.746},
-    "claim": "steps to target grow as 1/LR (LR x steps ~ const); higher pretraining LR forgets less",
-}
-
 # high_lr: English checkpoint (old loss ~3.63), FT on Spanish to 3.3, x = pure train-step time.
 HIGH_LR = {
     "old_loss_start": 3.63,
@@ -40,10 +31,4 @@ HIGH_LR = {
 REGRESSION_1D = {
     "old_rmse": {"before": 0.059, "new_only": 0.520, "with_kl": 0.097},
     "new_rmse": {"new_only": 0.176, "with_kl": 0.178},
-}
-
-# toy_continual: exact-match accuracy (%) after the fourth task.
-TOY_CONTINUAL = {
-    "no_replay": {"add": 21.0, "reversal": 0.6, "sort": 1.3, "modadd": 100.0},
-    "replay_min": 99.7,
 }

@@ -31,11 +31,13 @@ from .config import ConfigError
 from .fileio import atomic_write_json, atomic_write_text
 from .sweep_spec import Point, Spec, SweepError, load_spec, plan
 
-__all__ = ["SweepError", "load_spec", "plan", "run_sweep", "run_point", "load_stage", "summary_table"]
+__all__ = ["SweepError", "load_spec", "plan", "run_sweep", "run_point", "load_stage", "stage_status",
+           "summary_table"]
 
 RUN_NOTEBOOK = "train_run"
 SUMMARY_COLUMNS = ("stage", "point", "status", "seconds", "stop_reason", "train_time_s", "tokens",
                    "valid_ntp", "prev_ntp", "forgetting", "error")
+FINAL_METRICS = ("tokens", "valid_ntp", "prev_ntp", "forgetting")  # from the run's last evaluation
 OK = ("done", "finished")
 
 
@@ -92,19 +94,6 @@ def _train(point: Point, notebook: bool) -> None:
     (point.out_dir / "error.txt").unlink(missing_ok=True)
 
 
-def _parent_ok(point: Point, points: dict[tuple[str, str], Point], stage_after: str,
-               records: Mapping[tuple[str, str], dict[str, Any]]) -> bool:
-    """Whether a point's parent finished in this sweep (or, when the parent stage was not run
-    now, its folder is finished and still matches the spec)."""
-    key = (stage_after, point.parent)
-    if key in records:
-        return records[key]["status"] in OK
-    try:
-        return runs.is_finished(points[key].out_dir) and _same_config(points[key])
-    except Exception:  # noqa: BLE001 - a parent that cannot be checked is not a usable parent
-        return False
-
-
 def run_sweep(spec: str | Path | Mapping[str, Any] | Spec, *, workers: int = 1, notebook: bool = True,
               stages: Iterable[str] | None = None, executor: Any = None,
               log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -128,23 +117,30 @@ def run_sweep(spec: str | Path | Mapping[str, Any] | Spec, *, workers: int = 1, 
             p.config()  # the parent link is a path that need not exist yet: not checked here
         except ConfigError as err:
             raise SweepError(f"sweep point {p.stage}/{p.id}: {err}") from None
-    by_key = {(p.stage, p.id): p for p in points}
+    parents, valid = _parents(points), _validator(points)
     records: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def parent_ok(point: Point) -> bool:  # finished in this sweep, or earlier with this spec
+        parent = parents[id(point)]
+        record = records.get((parent.stage, parent.id))
+        return record["status"] in OK if record else valid(parent)
+
     start = time.perf_counter()
     for stage in (s for s in spec.stages if s.name in wanted):
-        todo = [p for p in points if p.stage == stage.name]
-        ready = [p for p in todo if p.parent is None or _parent_ok(p, by_key, stage.after, records)]
-        for p in (p for p in todo if p not in ready):
+        ready, blocked = [], []
+        for p in (p for p in points if p.stage == stage.name):
+            (ready if p.parent is None or parent_ok(p) else blocked).append(p)
+        for p in blocked:
             records[(p.stage, p.id)] = _record(p, status="blocked", seconds=0.0,
                                                error=f"parent {stage.after}/{p.parent} is not finished")
-        log(f"sweep: stage {stage.name}: {len(todo)} points ({len(todo) - len(ready)} blocked)")
+        log(f"sweep: stage {stage.name}: {len(ready) + len(blocked)} points ({len(blocked)} blocked)")
         for record in _execute(ready, workers=workers, notebook=notebook, executor=executor):
             records[(record["stage"], record["point"])] = record
             log(f"sweep: {record['stage']}/{record['point']}: {record['status']} "
                 f"({record['seconds']:.0f} s){': ' + record['error'] if record.get('error') else ''}")
             _write_records(spec.out, records)
         _write_records(spec.out, records)
-    table = summary_table([records[k] for k in by_key if k in records])
+    table = summary_table([records[k] for k in ((p.stage, p.id) for p in points) if k in records])
     log(f"sweep: {len(table)} points in {time.perf_counter() - start:.0f} s\n{table.to_string()}")
     return table
 
@@ -197,10 +193,10 @@ def summary_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         summary = runs.read_summary(r["out_dir"]) or {}
         final = summary.get("final") or {}
-        rows.append({**{c: final.get(c) for c in SUMMARY_COLUMNS}, "stage": r["stage"], "point": r["point"],
-                     "status": r["status"], "seconds": round(r.get("seconds", 0.0), 1),
-                     "stop_reason": summary.get("stop_reason"), "train_time_s": summary.get("train_time_s"),
-                     "error": r.get("error")})
+        rows.append({"stage": r["stage"], "point": r["point"], "status": r["status"],
+                     "seconds": round(r.get("seconds", 0.0), 1), "stop_reason": summary.get("stop_reason"),
+                     "train_time_s": summary.get("train_time_s"), "error": r.get("error"),
+                     **{c: final.get(c) for c in FINAL_METRICS}})
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
@@ -226,11 +222,15 @@ def load_stage(spec: str | Path | Mapping[str, Any] | Spec, stage: str, *,
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _parents(points: list[Point]) -> dict[int, Point]:
+    """id(point) -> its parent point (a child's model.load_path is its parent's folder)."""
+    by_dir = {str(p.out_dir): p for p in points}
+    return {id(p): by_dir[dict(p.overrides)["model.load_path"]] for p in points if p.parent is not None}
+
+
 def _validator(points: list[Point]) -> Callable[[Point], bool]:
     """valid(point): the point and all its ancestors finished with the spec's current config."""
-    by_dir = {str(p.out_dir): p for p in points}  # a child's model.load_path is its parent's folder
-    parents = {id(p): by_dir[dict(p.overrides)["model.load_path"]] for p in points if p.parent is not None}
-    cache: dict[int, bool] = {}
+    parents, cache = _parents(points), {}
 
     def valid(point: Point) -> bool:
         if id(point) not in cache:
