@@ -15,9 +15,10 @@ import time
 import jax
 import numpy as np
 
-from forgetting_lib import config as config_lib, model as model_lib, runtime
-from forgetting_lib.sampling import make_sampler, sample_from_id
-from forgetting_lib.step import auto_microbatches, make_objective, make_optimizer, make_train_step
+from forgetting_lib import config as config_lib, runtime
+from forgetting_lib.engine import model as model_lib
+from forgetting_lib.engine.sampling import make_sampler, sample_from_id
+from forgetting_lib.engine.step import auto_microbatches, make_objective, make_optimizer, make_train_step
 
 D, L, H, T, B, V = 128, 4, 32, 128, 32, 4096
 
@@ -28,8 +29,9 @@ def time_steps(method: str, replay_rows: int, steps: int) -> float:
     graphdef, params = model_lib.init_model(cfg, key=jax.random.key(0))
     frozen = jax.tree.map(lambda x: x + 0, params)
     optimizer = make_optimizer(config_lib.OptConfig(warmup_tokens=0), 0, None)
-    objective = make_objective(model_lib.make_hidden(graphdef),
-                               config_lib.RegConfig(method=method, coeff=1.0))
+    objective = make_objective(
+        model_lib.make_hidden(graphdef), config_lib.RegConfig(method=method, coeff=1.0)
+    )
     step = make_train_step(objective, optimizer, auto_microbatches(B, T, 0, replay_rows))
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(0)
@@ -48,8 +50,7 @@ def time_steps(method: str, replay_rows: int, steps: int) -> float:
 
 def time_sampling(rows: int) -> float:
     """Seconds to sample `rows` rows of T tokens from the tutorial model (after compiling)."""
-    graphdef, params = model_lib.init_model(config_lib.ModelConfig(D=D, L=L, H=H, V=V),
-                                            key=jax.random.key(0))
+    graphdef, params = model_lib.init_model(config_lib.ModelConfig(D=D, L=L, H=H, V=V), key=jax.random.key(0))
     sampler = make_sampler(graphdef, length=T)
     sample_from_id(sampler, params, 2, rows, jax.random.key(0)).block_until_ready()
     start = time.perf_counter()
@@ -70,11 +71,16 @@ def main() -> None:
     sample_s = time_sampling(args.buffer * R)
     self_kl = kl + sample_s / args.buffer
     sampled_tokens = args.buffer * R * (T - 1)
-    print(f"tutorial model D={D} L={L} T={T} batch {B}, replay batch {R}, buffer {args.buffer}, "
-          f"backend {jax.default_backend()}")
+    print(
+        f"tutorial model D={D} L={L} T={T} batch {B}, replay batch {R}, buffer {args.buffer}, "
+        f"backend {jax.default_backend()}"
+    )
     print(f"{'method':<28} {'ms/step':>9} {'x plain':>8}")
-    for name, sec in [("plain finetuning", plain), ("KL replay, real rows", kl),
-                      ("KL replay, self-generated", self_kl)]:
+    for name, sec in [
+        ("plain finetuning", plain),
+        ("KL replay, real rows", kl),
+        ("KL replay, self-generated", self_kl),
+    ]:
         print(f"{name:<28} {sec * 1e3:>9.1f} {sec / plain:>8.2f}")
     print(f"self-generated / real KL per step: {self_kl / kl:.2f}x (target <= 1.5x)")
     print(f"sampler: {sampled_tokens / sample_s:,.0f} tokens/s ({args.buffer * R} rows in {sample_s:.2f} s)")

@@ -11,8 +11,9 @@ import time
 
 import jax
 
-from forgetting_lib import config as config_lib, model as model_lib, runtime
-from forgetting_lib.sampling import make_sampler, sample_from_id
+from forgetting_lib import config as config_lib, runtime
+from forgetting_lib.engine import model as model_lib
+from forgetting_lib.engine.sampling import make_sampler, sample_from_id
 
 SIZES = {  # name: (D, L, H, T, batch)
     "tutorial32": (128, 4, 32, 128, 32),
@@ -44,15 +45,20 @@ def main() -> None:
     args = parser.parse_args()
     runtime.configure()
     print(f"backend={jax.default_backend()} devices={jax.devices()}")
-    print(f"{'size':<12} {'dtype':<9} {'D':>4} {'L':>2} {'T':>4} {'B':>4} {'first s':>8} "
-          f"{'s/call':>8} {'ms/pos':>7} {'tok/s':>10}")
+    print(
+        f"{'size':<12} {'dtype':<9} {'D':>4} {'L':>2} {'T':>4} {'B':>4} {'first s':>8} "
+        f"{'s/call':>8} {'ms/pos':>7} {'tok/s':>10}"
+    )
     for name in args.sizes.split(","):
         D, L, H, T, B = SIZES[name]
         for dtype in args.dtypes.split(","):
             cfg = config_lib.ModelConfig(D=D, L=L, H=H, V=4096, dtype=dtype)
             first, sec = time_sampler(cfg, T, B, args.repeats)
-            print(f"{name:<12} {dtype:<9} {D:>4} {L:>2} {T:>4} {B:>4} {first:>8.2f} {sec:>8.3f} "
-                  f"{sec / (T - 1) * 1e3:>7.2f} {B * (T - 1) / sec:>10,.0f}", flush=True)
+            print(
+                f"{name:<12} {dtype:<9} {D:>4} {L:>2} {T:>4} {B:>4} {first:>8.2f} {sec:>8.3f} "
+                f"{sec / (T - 1) * 1e3:>7.2f} {B * (T - 1) / sec:>10,.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

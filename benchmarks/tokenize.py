@@ -21,9 +21,9 @@ if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from forgetting_lib.binarize import binarize  # noqa: E402
-from forgetting_lib.corpora import iter_documents  # noqa: E402
-from forgetting_lib.tokenizer import Tokenizer, TokenizerError, train_tokenizer  # noqa: E402
+from forgetting_lib.prep.binarize import binarize  # noqa: E402
+from forgetting_lib.prep.corpora import iter_documents  # noqa: E402
+from forgetting_lib.prep.tokenizer import Tokenizer, TokenizerError, train_tokenizer  # noqa: E402
 
 OUT = Path("outputs/bench")
 CORPORA = ("sample:en", "sample:es")
@@ -48,16 +48,26 @@ def main() -> None:
     for spec in CORPORA:  # download/extract outside the timed region
         sum(1 for _ in iter_documents(spec))
     tok, train_s = get_tokenizer()
-    print(f"tokenizer: {'reused' if train_s is None else f'trained in {train_s:.1f} s'}, "
-          f"vocab {tok.vocab_size}, {os.cpu_count()} CPU cores")
+    print(
+        f"tokenizer: {'reused' if train_s is None else f'trained in {train_s:.1f} s'}, "
+        f"vocab {tok.vocab_size}, {os.cpu_count()} CPU cores"
+    )
     rows = []
     for dataset_id, spec in enumerate(CORPORA):
         chars = sum(len(doc) for doc in iter_documents(spec))
         start = time.perf_counter()
         meta = binarize(spec, tok, OUT / f"{spec.split(':')[1]}.bin", dataset_id=dataset_id)
         seconds = time.perf_counter() - start
-        rows.append((spec, meta["num_documents"], meta["num_tokens"], seconds,
-                     meta["num_tokens"] / seconds, chars / meta["num_tokens"]))
+        rows.append(
+            (
+                spec,
+                meta["num_documents"],
+                meta["num_tokens"],
+                seconds,
+                meta["num_tokens"] / seconds,
+                chars / meta["num_tokens"],
+            )
+        )
     header = ("corpus", "documents", "tokens", "seconds", "tokens/s", "chars/token")
     print(f"{header[0]:<10} " + " ".join(f"{h:>{w}}" for h, w in zip(header[1:], (9, 10, 8, 11, 11))))
     for spec, docs, tokens, seconds, rate, cpt in rows:

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetting_lib import config as config_lib, model as model_lib, runtime
-from forgetting_lib.evaluate import make_evaluator
-from forgetting_lib.assemble import auto_eval_rows
-from forgetting_lib.step import auto_microbatches, make_objective, make_optimizer, make_train_step
+from forgetting_lib import config as config_lib, runtime
+from forgetting_lib.engine import model as model_lib
+from forgetting_lib.engine.assemble import auto_eval_rows
+from forgetting_lib.engine.evaluate import make_evaluator
+from forgetting_lib.engine.step import auto_microbatches, make_objective, make_optimizer, make_train_step
 
 SIZES = {  # name: (D, L, H, T, batch)
     "tutorial": (128, 4, 32, 128, 32),
@@ -81,24 +82,32 @@ def main() -> None:
     runtime.configure()
     backend = jax.default_backend()
     peak = matmul_flops_per_s(dtype=jnp.float32 if backend == "cpu" else jnp.bfloat16)
-    print(f"backend={backend} devices={jax.devices()} dtype={args.dtype} "
-          f"matmul rate (2048^2 jnp.dot, {'f32' if backend == 'cpu' else 'bf16'}) = {peak / 1e9:,.1f} GFLOP/s")
-    print(f"{'size':<10} {'D':>5} {'L':>3} {'T':>4} {'B':>4} {'ms/step':>9} {'tok/s':>10} "
-          f"{'MFLOP/tok':>10} {'GFLOP/s':>9} {'of matmul':>9}")
+    print(
+        f"backend={backend} devices={jax.devices()} dtype={args.dtype} "
+        f"matmul rate (2048^2 jnp.dot, {'f32' if backend == 'cpu' else 'bf16'}) = {peak / 1e9:,.1f} GFLOP/s"
+    )
+    print(
+        f"{'size':<10} {'D':>5} {'L':>3} {'T':>4} {'B':>4} {'ms/step':>9} {'tok/s':>10} "
+        f"{'MFLOP/tok':>10} {'GFLOP/s':>9} {'of matmul':>9}"
+    )
     for name in args.sizes.split(","):
         D, L, H, T, B = SIZES[name]
         cfg = config_lib.ModelConfig(D=D, L=L, H=H, V=4096, dtype=args.dtype)
         sec = time_train_step(cfg, T, B, args.steps)
         tps = B * T / sec
         fpt = model_lib.flops_per_token(cfg, T)
-        print(f"{name:<10} {D:>5} {L:>3} {T:>4} {B:>4} {sec * 1e3:>9.1f} {tps:>10,.0f} "
-              f"{fpt / 1e6:>10.2f} {tps * fpt / 1e9:>9.1f} {tps * fpt / peak:>9.1%}")
+        print(
+            f"{name:<10} {D:>5} {L:>3} {T:>4} {B:>4} {sec * 1e3:>9.1f} {tps:>10,.0f} "
+            f"{fpt / 1e6:>10.2f} {tps * fpt / 1e9:>9.1f} {tps * fpt / peak:>9.1%}"
+        )
         if name == "tutorial":
             # Tutorial run: 1M train tokens, evaluation every 100K tokens on 100K valid tokens.
             train_s = 1_000_000 / tps
             eval_s = 10 * time_eval_tokens(cfg, T, auto_eval_rows(T), 100_000)
-            print(f"  tutorial run estimate: train {train_s:.1f} s + eval {eval_s:.1f} s "
-                  f"(eval = {eval_s / (train_s + eval_s):.1%} of wall time)")
+            print(
+                f"  tutorial run estimate: train {train_s:.1f} s + eval {eval_s:.1f} s "
+                f"(eval = {eval_s / (train_s + eval_s):.1%} of wall time)"
+            )
 
 
 if __name__ == "__main__":

@@ -11,36 +11,55 @@ import argparse
 import json
 import sys
 
-from .binarize import TokenFileError
-from .checkpoint import CheckpointError
 from .config import ConfigError
-from .corpora import CorpusError
-from .data import DataError
-from .notebooks import NotebookError
+from .engine.checkpoint import CheckpointError
+from .engine.data import DataError
+from .experiments.notebooks import NotebookError
+from .prep.binarize import TokenFileError
+from .prep.corpora import CorpusError
+from .prep.tokenizer import TokenizerError
 from .runs import RunFolderError
-from .tokenizer import TokenizerError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CorpusError, TokenizerError, TokenFileError,
-                                            ConfigError, DataError, RunFolderError, CheckpointError,
-                                            NotebookError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CorpusError,
+    TokenizerError,
+    TokenFileError,
+    ConfigError,
+    DataError,
+    RunFolderError,
+    CheckpointError,
+    NotebookError,
+)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     """Train a tokenizer on the given corpora and print its card."""
-    from .tokenizer import train_tokenizer
+    from .prep.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size,
-                          chars_per_corpus=args.chars_per_corpus,
-                          num_dataset_ids=args.num_dataset_ids, seed=args.seed)
+    tok = train_tokenizer(
+        args.corpus,
+        args.out,
+        vocab_size=args.vocab_size,
+        chars_per_corpus=args.chars_per_corpus,
+        num_dataset_ids=args.num_dataset_ids,
+        seed=args.seed,
+    )
     print(f"wrote {tok.directory} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:12]})")
 
 
 def cmd_binarize(args: argparse.Namespace) -> None:
     """Binarize one corpus into a token file and print its sidecar."""
-    from .binarize import binarize
+    from .prep.binarize import binarize
 
-    meta = binarize(args.corpus, args.tokenizer, args.out, dataset_id=args.dataset_id,
-                    max_tokens=args.max_tokens, shuffle_documents=args.shuffle, seed=args.seed)
+    meta = binarize(
+        args.corpus,
+        args.tokenizer,
+        args.out,
+        dataset_id=args.dataset_id,
+        max_tokens=args.max_tokens,
+        shuffle_documents=args.shuffle,
+        seed=args.seed,
+    )
     print(json.dumps(meta, indent=2))
 
 
@@ -49,40 +68,51 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from . import config as config_lib
-    from .train import train_and_evaluate
+    from .engine.train import train_and_evaluate
 
     cfg = config_lib.load(args.params, args.overrides)
     out = Path(args.out) if args.out else Path("outputs") / cfg.run.experiment / cfg.run.name
     result = train_and_evaluate(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({"out_dir": str(result.out_dir), "status": result.status,
-                      "stop_reason": result.stop_reason, "step": result.step,
-                      "tokens": result.tokens, "final": result.final}, indent=2))
+    print(
+        json.dumps(
+            {
+                "out_dir": str(result.out_dir),
+                "status": result.status,
+                "stop_reason": result.stop_reason,
+                "step": result.step,
+                "tokens": result.tokens,
+                "final": result.final,
+            },
+            indent=2,
+        )
+    )
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    """The walkthrough notebooks 01-04 on the built-in sample (see forgetting_lib.quickstart)."""
-    from . import quickstart
+    """The walkthrough notebooks 01-04 on the built-in sample (forgetting_lib/experiments/quickstart.py)."""
+    from .experiments import quickstart
 
     quickstart.run(args.out, args.params_dir, args.notebooks or None)
 
 
 def cmd_notebook(args: argparse.Namespace) -> None:
     """Execute one notebook with papermill and a parameter file."""
-    from .notebooks import run_notebook
+    from .experiments.notebooks import run_notebook
 
     print(run_notebook(args.notebook, args.parameters, args.out, stream_output=True))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run (or resume) every point of a sweep spec and print the summary table."""
-    from . import sweep
+    from .experiments import sweep
 
     if args.dry_run:
         for point in sweep.plan(args.spec):
             print(f"{point.stage}/{point.id} -> {point.out_dir}")
         return
-    table = sweep.run_sweep(args.spec, workers=args.workers, notebook=not args.no_notebook,
-                            stages=args.stage or None)
+    table = sweep.run_sweep(
+        args.spec, workers=args.workers, notebook=not args.no_notebook, stages=args.stage or None
+    )
     if table["status"].isin(["failed", "blocked"]).any():  # a sweep that did not finish is not ok
         raise SystemExit(1)
 
@@ -93,8 +123,10 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
     results = figures.reproduce(args.scale, args.figures or None, args.out)
     failed = [name for name, value in results.items() if not isinstance(value, float)]
-    print(f"reproduce: {len(results) - len(failed)} notebooks done, {len(failed)} failed"
-          f"{': ' + ', '.join(failed) if failed else ''}; figures in {args.out}/{args.scale}")
+    print(
+        f"reproduce: {len(results) - len(failed)} notebooks done, {len(failed)} failed"
+        f"{': ' + ', '.join(failed) if failed else ''}; figures in {args.out}/{args.scale}"
+    )
     if failed:
         raise SystemExit(1)
 
@@ -105,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
-    p.add_argument("--corpus", action="append", required=True,
-                   help="corpus spec (repeat for several): sample:en, hf:NAME[:CONFIG], files:GLOB")
+    p.add_argument(
+        "--corpus",
+        action="append",
+        required=True,
+        help="corpus spec (repeat for several): sample:en, hf:NAME[:CONFIG], files:GLOB",
+    )
     p.add_argument("--out", required=True, help="tokenizer folder to write")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--chars-per-corpus", type=int, default=2_000_000)
@@ -132,19 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete --out and start again")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("quickstart", help="run notebooks 01-04 (tokenizer, token files, pretraining, "
-                                          "finetuning with replay) on the built-in sample")
+    p = sub.add_parser(
+        "quickstart",
+        help="run notebooks 01-04 (tokenizer, token files, pretraining, "
+        "finetuning with replay) on the built-in sample",
+    )
     p.add_argument("notebooks", nargs="*", help="only these notebooks, e.g. 03_pretrain (default: all)")
     p.add_argument("--out", default="outputs/quickstart", help="executed notebooks go to OUT/notebooks")
-    p.add_argument("--params-dir", default="params/quick",
-                   help="folder of <notebook>.yaml parameter files (they say where artefacts go)")
+    p.add_argument(
+        "--params-dir",
+        default="params/quick",
+        help="folder of <notebook>.yaml parameter files (they say where artefacts go)",
+    )
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("sweep", help="run every point of a sweep spec (resumes; skips finished points)")
     p.add_argument("spec", help="sweep spec YAML, or a figure parameter file with a `sweep:` key")
     p.add_argument("--workers", type=int, default=1, help="points run at once (default 1)")
-    p.add_argument("--no-notebook", action="store_true",
-                   help="call the library directly instead of executing notebooks/train_run.ipynb per point")
+    p.add_argument(
+        "--no-notebook",
+        action="store_true",
+        help="call the library directly instead of executing notebooks/train_run.ipynb per point",
+    )
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="list the points and their folders, run nothing")
     p.set_defaults(func=cmd_sweep)

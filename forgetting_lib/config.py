@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from . import methods as methods_lib
+
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names the key and the fix."""
@@ -26,97 +28,98 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     experiment: str = "default"  # folder under outputs/ that groups related runs
-    name: str = "run"            # run id: the run folder is outputs/<experiment>/<name>
-    seed: int = 0                # root of every random key (init, data order, sampling)
+    name: str = "run"  # run id: the run folder is outputs/<experiment>/<name>
+    seed: int = 0  # root of every random key (init, data order, sampling)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = ""               # token file (.bin with a .json sidecar) to train on
-    T: int = 128                 # sequence length in tokens (row length; position 0 = dataset id)
-    batch_size: int = 32         # rows per optimizer step
+    path: str = ""  # token file (.bin with a .json sidecar) to train on
+    T: int = 128  # sequence length in tokens (row length; position 0 = dataset id)
+    batch_size: int = 32  # rows per optimizer step
     valid_tokens: int = 100_000  # tokens held out for validation (rounded up to whole rows)
-    split_seed: int = 0          # seed of the train/valid row split; independent of run.seed
-    eval_batch_size: int = 0     # rows per evaluation batch (0 = auto: fastest for the platform)
-    microbatch_rows: int = 0     # rows per gradient-accumulation slice (0 = auto; a speed knob only)
+    split_seed: int = 0  # seed of the train/valid row split; independent of run.seed
+    eval_batch_size: int = 0  # rows per evaluation batch (0 = auto: fastest for the platform)
+    microbatch_rows: int = 0  # rows per gradient-accumulation slice (0 = auto; a speed knob only)
 
 
 @dataclass(frozen=True)
 class MixConfig:
-    path: str = ""               # second token file mixed into every batch ('' = no mixing)
-    fraction: float = 0.0        # fraction of each batch's rows drawn from `path`, in [0, 1)
+    path: str = ""  # second token file mixed into every batch ('' = no mixing)
+    fraction: float = 0.0  # fraction of each batch's rows drawn from `path`, in [0, 1)
     valid_tokens: int = 100_000  # validation tokens held out of the mix file (metric `mix_ntp`)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    D: int = 256                 # model (residual) width
-    L: int = 6                   # number of transformer blocks
-    H: int = 64                  # head dimension (heads N = D // H)
-    V: int = 4096                # vocabulary size (must cover the token file's tokenizer)
-    dtype: str = "auto"          # activation dtype: auto | float32 | bfloat16 (params stay f32)
-    remat: bool = False          # recompute block activations in the backward pass (saves memory)
-    load_path: str = ""          # parent run folder to finetune from ('' = train from scratch);
-                                 # D, L, H, V and the `parent` section are then read from it
+    D: int = 256  # model (residual) width
+    L: int = 6  # number of transformer blocks
+    H: int = 64  # head dimension (heads N = D // H)
+    V: int = 4096  # vocabulary size (must cover the token file's tokenizer)
+    dtype: str = "auto"  # activation dtype: auto | float32 | bfloat16 (params stay f32)
+    remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    load_path: str = ""  # parent run folder to finetune from ('' = train from scratch);
+    # D, L, H, V and the `parent` section are then read from it
 
 
 @dataclass(frozen=True)
 class RegConfig:
-    method: str = "none"         # none | ntp_pre | kl_pre | kl_dwn | replace | ewc (see replay.py)
-    coeff: float = 0.0           # regulariser weight; for `replace`: fraction of batch rows replaced
-    synth: bool = False          # replay rows sampled from the frozen parent (else its real train rows)
-    replay_batch_size: int = 0   # replay rows per step for ntp_pre / kl_pre (0 = data.batch_size)
-    buffer: int = 16             # self-generated: each refill samples buffer x replay rows, used once
-    temperature: float = 1.0     # self-generated: sampling temperature (1 = the model's distribution)
-    fisher_batches: int = 8      # ewc: replay batches used to estimate the diagonal Fisher
+    method: str = "none"  # a regulariser: none | ntp_pre | kl_pre | kl_dwn | replace | ewc | l2sp
+    # (engine/regularisers.py)
+    coeff: float = 0.0  # regulariser weight; for `replace`: fraction of batch rows replaced
+    synth: bool = False  # replay rows sampled from the frozen parent (else its real train rows)
+    replay_batch_size: int = 0  # replay rows per step for ntp_pre / kl_pre (0 = data.batch_size)
+    buffer: int = 16  # self-generated: each refill samples buffer x replay rows, used once
+    temperature: float = 1.0  # self-generated: sampling temperature (1 = the model's distribution)
+    fisher_batches: int = 8  # ewc: replay batches used to estimate the diagonal Fisher
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 0                # LoRA rank on every non-embedding matrix (0 = full finetuning)
+    rank: int = 0  # LoRA rank on every non-embedding matrix (0 = full finetuning)
 
 
 @dataclass(frozen=True)
 class ParentConfig:
     """Filled in from `model.load_path` when a finetuning run starts; not meant to be set by hand."""
 
-    data_path: str = ""          # the parent's training token file (its valid rows = `prev` set)
-    split_seed: int = 0          # the parent's split seed, so `prev` rows are its validation rows
-    T: int = 0                   # the parent's row length
-    valid_tokens: int = 0        # the parent's validation size
-    seed: int = 0                # the parent's run seed (reproduces its init for weight drift)
+    data_path: str = ""  # the parent's training token file (its valid rows = `prev` set)
+    split_seed: int = 0  # the parent's split seed, so `prev` rows are its validation rows
+    T: int = 0  # the parent's row length
+    valid_tokens: int = 0  # the parent's validation size
+    seed: int = 0  # the parent's run seed (reproduces its init for weight drift)
     final_valid_ntp: float | None = None  # the parent's final validation loss (forgetting baseline)
-    dataset_token: int = -1      # the id token of the parent's data (the self-generated prompt)
+    dataset_token: int = -1  # the id token of the parent's data (the self-generated prompt)
 
 
 @dataclass(frozen=True)
 class OptConfig:
-    lr: float = 1e-3             # peak learning rate
-    schedule: str = "constant"   # constant | cosine (cosine needs a fixed training length)
+    lr: float = 1e-3  # peak learning rate
+    schedule: str = "constant"  # constant | cosine (cosine needs a fixed training length)
     warmup_tokens: int = 10_000_000  # linear warm-up length in training tokens
-    b1: float = 0.9              # AdamW first-moment decay
-    b2: float = 0.999            # AdamW second-moment decay
-    eps: float = 1e-8            # AdamW epsilon
-    weight_decay: float = 0.02   # decoupled weight decay, applied to every matrix
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.02  # decoupled weight decay, applied to every matrix
 
 
 @dataclass(frozen=True)
 class StopConfig:
-    num_tokens_train: int | None = None    # stop after this many training tokens
+    num_tokens_train: int | None = None  # stop after this many training tokens
     tokens_per_param: float | None = None  # stop after this many tokens per parameter (TPP)
-    num_epochs: float | None = None        # stop after this many passes over the train rows
-    target_loss: float | None = None       # stop when valid_ntp <= this (nats/token)
-    train_time_s: float | None = None      # stop after this much pure train-step time (seconds)
-    patience: int | None = None            # stop after this many evals without a new best valid_ntp
+    num_epochs: float | None = None  # stop after this many passes over the train rows
+    target_loss: float | None = None  # stop when valid_ntp <= this (nats/token)
+    train_time_s: float | None = None  # stop after this much pure train-step time (seconds)
+    patience: int | None = None  # stop after this many evals without a new best valid_ntp
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    every_tokens: int = 100_000            # evaluate every this many training tokens
+    every_tokens: int = 100_000  # evaluate every this many training tokens
     checkpoint_every_tokens: int | None = None  # also checkpoint this often (None: only at the end)
-    progress: bool = True                  # show a progress bar / periodic progress lines
-    eval_kl: bool = True                   # finetuning: also evaluate KL to the parent (metrics
-                                           # *_kl; a teacher forward per eval set, ~2x eval cost)
+    progress: bool = True  # show a progress bar / periodic progress lines
+    eval_kl: bool = True  # finetuning: also evaluate KL to the parent (metrics
+    # *_kl; a teacher forward per eval set, ~2x eval cost)
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,9 @@ class Config:
 LENGTH_RULES = ("num_tokens_train", "tokens_per_param", "num_epochs")
 
 
-def load(source: str | Path | Mapping[str, Any] | None = None,
-         overrides: Sequence[str | tuple[str, Any]] = ()) -> Config:
+def load(
+    source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str | tuple[str, Any]] = ()
+) -> Config:
     """Config from a YAML file or mapping, with dotted overrides (`"model.D=128"`), validated."""
     if source is None:
         raw: Mapping[str, Any] = {}
@@ -161,9 +165,19 @@ def load(source: str | Path | Mapping[str, Any] | None = None,
 
 
 def from_dict(raw: Mapping[str, Any], overrides: Sequence[str | tuple[str, Any]] = ()) -> Config:
+    """A validated Config from nested sections plus dotted overrides, applied in order. The
+    pseudo-key `method` (top level, or an override `method=kl_self`) stands for the named
+    method's overrides (`methods.METHODS`), applied at its place: before the overrides for a
+    top-level key, so later keys refine it."""
     merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
-    for item in overrides:
-        key, value = _parse_override(item)
+    pairs = [_parse_override(item) for item in overrides]
+    if "method" in merged:
+        pairs.insert(0, ("method", merged.pop("method")))
+    try:
+        pairs = methods_lib.expand(pairs)
+    except KeyError as err:
+        raise ConfigError(f"method: {err.args[0]}") from None
+    for key, value in pairs:
         section, _, name = key.partition(".")
         if not name:
             raise ConfigError(f"override {key!r} must be section.key=value, e.g. model.D=128")
@@ -248,57 +262,95 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 def validate(cfg: Config) -> None:
     """Reject inconsistent combinations before any work starts."""
     m, d, o, s = cfg.model, cfg.data, cfg.opt, cfg.stop
-    _check(m.D > 0 and m.L > 0 and m.H > 0 and m.D % m.H == 0, "model.D",
-           f"model.D={m.D} must be a positive multiple of model.H={m.H}")
+    _check(
+        m.D > 0 and m.L > 0 and m.H > 0 and m.D % m.H == 0,
+        "model.D",
+        f"model.D={m.D} must be a positive multiple of model.H={m.H}",
+    )
     _check(0 < m.V <= 65536, "model.V", f"model.V={m.V} must be in 1..65536 (token files are uint16)")
-    _check(m.dtype in ("auto", "float32", "bfloat16"), "model.dtype",
-           f"model.dtype={m.dtype!r} must be auto, float32 or bfloat16")
-    _check(d.T >= 2 and d.batch_size >= 1 and d.eval_batch_size >= 0, "data.T",
-           "data.T must be >= 2, data.batch_size >= 1 and data.eval_batch_size >= 0")
-    _check(d.microbatch_rows >= 0 and (d.microbatch_rows == 0 or d.batch_size % d.microbatch_rows == 0),
-           "data.microbatch_rows", f"data.microbatch_rows={d.microbatch_rows} must divide "
-           f"data.batch_size={d.batch_size} (or be 0 for automatic)")
+    _check(
+        m.dtype in ("auto", "float32", "bfloat16"),
+        "model.dtype",
+        f"model.dtype={m.dtype!r} must be auto, float32 or bfloat16",
+    )
+    _check(
+        d.T >= 2 and d.batch_size >= 1 and d.eval_batch_size >= 0,
+        "data.T",
+        "data.T must be >= 2, data.batch_size >= 1 and data.eval_batch_size >= 0",
+    )
+    _check(
+        d.microbatch_rows >= 0 and (d.microbatch_rows == 0 or d.batch_size % d.microbatch_rows == 0),
+        "data.microbatch_rows",
+        f"data.microbatch_rows={d.microbatch_rows} must divide "
+        f"data.batch_size={d.batch_size} (or be 0 for automatic)",
+    )
     _check(d.valid_tokens >= 0, "data.valid_tokens", "data.valid_tokens must be >= 0")
     _check(0 <= cfg.mix.fraction < 1, "mix.fraction", f"mix.fraction={cfg.mix.fraction} must be in [0, 1)")
-    _check(not (cfg.mix.fraction > 0 and not cfg.mix.path), "mix.path",
-           "mix.fraction > 0 needs mix.path (the token file to mix in)")
-    _check(o.schedule in ("constant", "cosine"), "opt.schedule",
-           f"opt.schedule={o.schedule!r} must be constant or cosine")
+    _check(
+        not (cfg.mix.fraction > 0 and not cfg.mix.path),
+        "mix.path",
+        "mix.fraction > 0 needs mix.path (the token file to mix in)",
+    )
+    _check(
+        o.schedule in ("constant", "cosine"),
+        "opt.schedule",
+        f"opt.schedule={o.schedule!r} must be constant or cosine",
+    )
     _check(o.lr > 0 and o.warmup_tokens >= 0, "opt.lr", "opt.lr must be > 0 and opt.warmup_tokens >= 0")
     lengths = [r for r in LENGTH_RULES if getattr(s, r) is not None]
     _check(len(lengths) <= 1, "stop", f"set at most one training-length rule, got {', '.join(lengths)}")
-    _check(not (o.schedule == "cosine" and not lengths), "opt.schedule",
-           "a cosine schedule needs a fixed length: set stop.num_tokens_train, stop.tokens_per_param "
-           "or stop.num_epochs")
+    _check(
+        not (o.schedule == "cosine" and not lengths),
+        "opt.schedule",
+        "a cosine schedule needs a fixed length: set stop.num_tokens_train, stop.tokens_per_param "
+        "or stop.num_epochs",
+    )
     any_stop = lengths or s.target_loss is not None or s.train_time_s is not None or s.patience
-    _check(bool(any_stop), "stop", "no stop rule set: the run would never end; set e.g. "
-           "stop.num_tokens_train")
+    _check(
+        bool(any_stop), "stop", "no stop rule set: the run would never end; set e.g. stop.num_tokens_train"
+    )
     for name in ("num_tokens_train", "tokens_per_param", "num_epochs", "train_time_s", "patience"):
         value = getattr(s, name)
-        _check(value is None or (value > 0 and math.isfinite(value)), f"stop.{name}",
-               f"stop.{name}={value} must be positive")
+        _check(
+            value is None or (value > 0 and math.isfinite(value)),
+            f"stop.{name}",
+            f"stop.{name}={value} must be positive",
+        )
     _check(cfg.log.every_tokens > 0, "log.every_tokens", "log.every_tokens must be positive")
     _validate_finetuning(cfg)
 
 
-REG_METHODS = ("none", "ntp_pre", "kl_pre", "kl_dwn", "replace", "ewc")
-
-
 def _validate_finetuning(cfg: Config) -> None:
+    from .engine.regularisers import REGULARISERS
+
     r = cfg.reg
-    _check(r.method in REG_METHODS, "reg.method",
-           f"reg.method={r.method!r} must be one of {', '.join(REG_METHODS)}")
-    _check(r.method == "none" or bool(cfg.model.load_path), "reg.method",
-           f"reg.method={r.method} replays the parent's distribution, but there is no parent: "
-           f"set model.load_path to a finished pretraining run")
-    _check(cfg.lora.rank == 0 or bool(cfg.model.load_path), "lora.rank",
-           "LoRA finetunes a pretrained model: set model.load_path")
+    _check(
+        r.method in REGULARISERS,
+        "reg.method",
+        f"reg.method={r.method!r} must be one of {', '.join(REGULARISERS)}",
+    )
+    _check(
+        r.method == "none" or bool(cfg.model.load_path),
+        "reg.method",
+        f"reg.method={r.method} regularises towards the parent, but there is no parent: "
+        f"set model.load_path to a finished pretraining run",
+    )
+    _check(
+        cfg.lora.rank == 0 or bool(cfg.model.load_path),
+        "lora.rank",
+        "LoRA finetunes a pretrained model: set model.load_path",
+    )
     _check(r.coeff >= 0, "reg.coeff", f"reg.coeff={r.coeff} must be >= 0")
-    _check(r.method != "replace" or r.coeff < 1, "reg.coeff",
-           f"reg.coeff={r.coeff}: for reg.method=replace it is the replaced fraction, in [0, 1)")
-    _check(r.replay_batch_size >= 0 and r.buffer >= 1 and r.temperature >= 0 and r.fisher_batches >= 1,
-           "reg", "reg.replay_batch_size >= 0, reg.buffer >= 1, reg.temperature >= 0, "
-           "reg.fisher_batches >= 1")
+    _check(
+        not REGULARISERS[r.method].coeff_is_fraction or r.coeff < 1,
+        "reg.coeff",
+        f"reg.coeff={r.coeff}: for reg.method={r.method} it is the replaced fraction, in [0, 1)",
+    )
+    _check(
+        r.replay_batch_size >= 0 and r.buffer >= 1 and r.temperature >= 0 and r.fisher_batches >= 1,
+        "reg",
+        "reg.replay_batch_size >= 0, reg.buffer >= 1, reg.temperature >= 0, reg.fisher_batches >= 1",
+    )
     _check(cfg.lora.rank >= 0, "lora.rank", "lora.rank must be >= 0")
 
 

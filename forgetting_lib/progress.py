@@ -35,9 +35,15 @@ class Progress:
     Use as a context manager; call `update(n, **postfix)` as work is done.
     """
 
-    def __init__(self, desc: str, total: int | None = None, unit: str = "it",
-                 every_seconds: float = 10.0, interactive: bool | None = None,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        desc: str,
+        total: int | None = None,
+        unit: str = "it",
+        every_seconds: float = 10.0,
+        interactive: bool | None = None,
+        enabled: bool = True,
+    ):
         self.desc, self.total, self.unit = desc, total, unit
         self.every_seconds = every_seconds
         self.count = 0

@@ -108,8 +108,13 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         flat: dict[str, Any] = {}
         _flatten("", read_config(run_dir), flat)
         summary = read_summary(run_dir) or {}
-        meta = {"run": run_dir.name, "experiment": run_dir.parent.name, "path": str(run_dir),
-                "status": summary.get("status", "running"), "stop_reason": summary.get("stop_reason")}
+        meta = {
+            "run": run_dir.name,
+            "experiment": run_dir.parent.name,
+            "path": str(run_dir),
+            "status": summary.get("status", "running"),
+            "stop_reason": summary.get("stop_reason"),
+        }
         frame = pd.DataFrame(rows)
         for key, value in {**meta, **flat}.items():
             frame[key] = [value] * len(frame)
@@ -119,8 +124,14 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, overwrite: bool,
-                    defaults: dict[str, Any] | None = None) -> str:
+def prepare_run_dir(
+    config: dict[str, Any],
+    out_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    defaults: dict[str, Any] | None = None,
+) -> str:
     """Make `out_dir` ready for a run of `config`: "new", "resume" (an unfinished run to continue)
     or "finished" (resume=True on a finished run: nothing to do).
 
@@ -137,8 +148,10 @@ def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, over
         return "new"
     if not resume:
         state = "a finished" if is_finished(out_dir) else "an unfinished"
-        raise RunFolderError(f"{out_dir} already holds {state} run; pass resume=True (CLI --resume) "
-                             f"to continue it or overwrite=True (--overwrite) to start again")
+        raise RunFolderError(
+            f"{out_dir} already holds {state} run; pass resume=True (CLI --resume) "
+            f"to continue it or overwrite=True (--overwrite) to start again"
+        )
     new, old = {}, {}
     _flatten("", config, new)
     _flatten("", read_config(out_dir), old)
@@ -148,13 +161,16 @@ def prepare_run_dir(config: dict[str, Any], out_dir: Path, *, resume: bool, over
         old = {**{k: v for k, v in flat_defaults.items() if k in new}, **old}
     differ = sorted(k for k in new.keys() | old.keys() if k != "log.progress" and new.get(k) != old.get(k))
     if differ:
-        raise RunFolderError(f"{out_dir} was started with a different config ({', '.join(differ)} "
-                             f"differ); resume with the same config or use another out_dir")
+        raise RunFolderError(
+            f"{out_dir} was started with a different config ({', '.join(differ)} "
+            f"differ); resume with the same config or use another out_dir"
+        )
     return "finished" if is_finished(out_dir) else "resume"
 
 
-def final_table(paths: str | Path | Iterable[str | Path],
-                columns: Iterable[str] = ("valid_ntp", "prev_ntp", "forgetting")) -> pd.DataFrame:
+def final_table(
+    paths: str | Path | Iterable[str | Path], columns: Iterable[str] = ("valid_ntp", "prev_ntp", "forgetting")
+) -> pd.DataFrame:
     """One row per run found under `paths`, indexed by run name: status, stop reason, tokens,
     pure train-step time and the final evaluation's `columns` (NaN where a run lacks one)."""
     roots = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -163,8 +179,14 @@ def final_table(paths: str | Path | Iterable[str | Path],
         summary = read_summary(run_dir) or {}
         rows = read_metrics(run_dir)
         final = summary.get("final") or (rows[-1] if rows else {})
-        records.append({"run": run_dir.name, "status": summary.get("status", "running"),
-                        "stop_reason": summary.get("stop_reason"),
-                        "tokens": final.get("tokens"), "train_time_s": summary.get("train_time_s"),
-                        **{c: final.get(c, float("nan")) for c in columns}})
+        records.append(
+            {
+                "run": run_dir.name,
+                "status": summary.get("status", "running"),
+                "stop_reason": summary.get("stop_reason"),
+                "tokens": final.get("tokens"),
+                "train_time_s": summary.get("train_time_s"),
+                **{c: final.get(c, float("nan")) for c in columns},
+            }
+        )
     return pd.DataFrame.from_records(records, index="run") if records else pd.DataFrame()

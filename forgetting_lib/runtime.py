@@ -23,8 +23,9 @@ def configure(cache_dir: str | Path | None = None) -> None:
     keep_host_allocations()
     import jax
 
-    cache = Path(cache_dir or os.environ.get("FORGETTING_JAX_CACHE",
-                                              Path.home() / ".cache" / "forgetting_lib" / "jax"))
+    cache = Path(
+        cache_dir or os.environ.get("FORGETTING_JAX_CACHE", Path.home() / ".cache" / "forgetting_lib" / "jax")
+    )
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

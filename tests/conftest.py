@@ -6,10 +6,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import jax
 import pytest
 
-from forgetting_lib.corpora import CorpusError, iter_documents
-from forgetting_lib.tokenizer import Tokenizer, train_tokenizer
+from forgetting_lib.prep.corpora import CorpusError, iter_documents
+from forgetting_lib.prep.tokenizer import Tokenizer, train_tokenizer
+
+# Implicit dtype promotion (f32 + bf16, int + float arrays) and implicit rank promotion
+# ([B, T] + [T]) raise in every test: casts and broadcasts in the library are written out.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 SMALL_TEXTS = {
     "a.txt": [

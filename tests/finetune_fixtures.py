@@ -20,24 +20,29 @@ import numpy as np
 import pytest
 
 from forgetting_lib import config as config_lib
-from forgetting_lib.train import RunResult, train_and_evaluate
+from forgetting_lib.engine.train import RunResult, train_and_evaluate
 
 from tokenfiles import FIRST_TEXT_ID, write_token_file
 
 V, T, B = 64, 32, 8
-OLD_TOKEN, NEW_TOKEN = 1, 2          # dataset-id tokens of the parent's and the new data
+OLD_TOKEN, NEW_TOKEN = 1, 2  # dataset-id tokens of the parent's and the new data
 PARENT_SPLIT_SEED, PARENT_SEED = 3, 0
-PARENT_VALID_TOKENS = 32 * T         # 32 rows: one eval batch of the auto CPU size
+PARENT_VALID_TOKENS = 32 * T  # 32 rows: one eval batch of the auto CPU size
 PARENT_STEPS = 150
 FT_STEPS, FT_EVAL_EVERY = 16, 4
-NOISE_FREE = 0.8                     # P(next token follows the chain): rows are all distinct
+NOISE_FREE = 0.8  # P(next token follows the chain): rows are all distinct
 
 # microbatch_rows is set explicitly: auto_microbatches(8, 32) never returns (see test_finetune).
 PARENT_CONFIG = {
     "run": {"seed": PARENT_SEED},
     "model": {"D": 32, "L": 2, "H": 16, "V": V, "dtype": "float32"},
-    "data": {"T": T, "batch_size": B, "valid_tokens": PARENT_VALID_TOKENS,
-             "split_seed": PARENT_SPLIT_SEED, "microbatch_rows": B},
+    "data": {
+        "T": T,
+        "batch_size": B,
+        "valid_tokens": PARENT_VALID_TOKENS,
+        "split_seed": PARENT_SPLIT_SEED,
+        "microbatch_rows": B,
+    },
     "opt": {"lr": 3e-3, "warmup_tokens": 0},
     "stop": {"num_tokens_train": PARENT_STEPS * B * T},
     "log": {"every_tokens": 50 * B * T, "progress": False},
@@ -68,10 +73,20 @@ def noisy_chain(num_tokens: int, seed: int, p: float = NOISE_FREE) -> np.ndarray
 @functools.lru_cache(maxsize=None)
 def _build(root: Path) -> tuple[Path, Path, Path]:
     """(parent run folder, old token file, new token file) under `root`, built once per root."""
-    old = write_token_file(root / "data" / "old.bin", 0, vocab_size=V, dataset_token=OLD_TOKEN,
-                           tokens=noisy_chain(400 * T, seed=0))
-    new = write_token_file(root / "data" / "new.bin", 0, vocab_size=V, dataset_token=NEW_TOKEN,
-                           tokens=noisy_chain(200 * T, seed=1))
+    old = write_token_file(
+        root / "data" / "old.bin",
+        0,
+        vocab_size=V,
+        dataset_token=OLD_TOKEN,
+        tokens=noisy_chain(400 * T, seed=0),
+    )
+    new = write_token_file(
+        root / "data" / "new.bin",
+        0,
+        vocab_size=V,
+        dataset_token=NEW_TOKEN,
+        tokens=noisy_chain(200 * T, seed=1),
+    )
     parent = root / "parent"
     cfg = config_lib.from_dict(PARENT_CONFIG, [("data.path", str(old))])
     result = train_and_evaluate(cfg, parent, resume=True)
@@ -92,14 +107,21 @@ class World:
         self.parent, self.old, self.new = parent, old, new
         self.root = parent.parent
 
-    def child_config(self, overrides: dict[str, Any] | None = None, *, parent: Path | None = None,
-                     steps: int = FT_STEPS) -> config_lib.Config:
+    def child_config(
+        self, overrides: dict[str, Any] | None = None, *, parent: Path | None = None, steps: int = FT_STEPS
+    ) -> config_lib.Config:
         """A finetuning config on the NEW data, architecture left at the defaults (the parent's
         must be read from the parent), split seed and valid size different from the parent's."""
         raw = {
             "run": {"seed": 5},
-            "data": {"path": str(self.new), "T": T, "batch_size": B, "valid_tokens": 1000,
-                     "split_seed": 7, "microbatch_rows": B},
+            "data": {
+                "path": str(self.new),
+                "T": T,
+                "batch_size": B,
+                "valid_tokens": 1000,
+                "split_seed": 7,
+                "microbatch_rows": B,
+            },
             "model": {"load_path": str(parent or self.parent)},
             "opt": {"lr": 3e-3, "warmup_tokens": 0},
             "stop": {"num_tokens_train": steps * B * T},

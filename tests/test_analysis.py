@@ -7,21 +7,28 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from forgetting_lib import analysis
+from forgetting_lib.figures import analysis
 
 
 def _run(name: str, valid, prev=None, *, steps=None, tokens=None, time=None, **config) -> pd.DataFrame:
     """One run's rows as `load_runs` would give them (config keys use __ for dots)."""
     n = len(valid)
     steps = list(range(n)) if steps is None else steps
-    frame = pd.DataFrame({"run": name, "step": steps, "valid_ntp": valid,
-                          "tokens": [100 * s for s in steps] if tokens is None else tokens,
-                          "train_time_s": [10.0 * s for s in steps] if time is None else time,
-                          "status": "finished", "stop_reason": "tokens", "experiment": "exp",
-                          "path": f"outputs/exp/{name}"})
+    frame = pd.DataFrame(
+        {
+            "run": name,
+            "step": steps,
+            "valid_ntp": valid,
+            "tokens": [100 * s for s in steps] if tokens is None else tokens,
+            "train_time_s": [10.0 * s for s in steps] if time is None else time,
+            "status": "finished",
+            "stop_reason": "tokens",
+            "experiment": "exp",
+            "path": f"outputs/exp/{name}",
+        }
+    )
     if prev is not None:
         frame["prev_ntp"] = prev
         frame["forgetting"] = np.asarray(prev, dtype=float) - config.get("parent__final_valid_ntp", 1.0)
@@ -35,6 +42,7 @@ def _df(*runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- at_target ---------------------------------------------------------------------------------
+
 
 def test_at_target_interpolates_at_the_exact_crossing():
     df = _df(_run("a", [4.0, 3.0, 2.0, 1.0], [1.0, 1.2, 1.6, 2.0], parent__final_valid_ntp=1.0, opt__lr=0.1))
@@ -88,6 +96,7 @@ def test_at_target_skips_evaluations_without_the_new_loss():
 
 # ---- at_best -----------------------------------------------------------------------------------
 
+
 def test_at_best_takes_the_earliest_of_tied_minima():
     df = _run("a", [3.0, 2.0, 2.0, 2.5], [1.0, 1.1, 1.5, 1.7])
     row = analysis.at_best(df).loc["a"]
@@ -103,9 +112,12 @@ def test_at_best_per_run():
 
 # ---- forgetting_table --------------------------------------------------------------------------
 
+
 def test_forgetting_table_at_target_with_best_fallback():
-    df = _df(_run("hit", [4.0, 3.0, 2.0], [1.0, 1.2, 1.6], parent__final_valid_ntp=0.9),
-             _run("miss", [4.0, 3.0, 2.8], [1.0, 1.1, 1.3], parent__final_valid_ntp=0.9))
+    df = _df(
+        _run("hit", [4.0, 3.0, 2.0], [1.0, 1.2, 1.6], parent__final_valid_ntp=0.9),
+        _run("miss", [4.0, 3.0, 2.8], [1.0, 1.1, 1.3], parent__final_valid_ntp=0.9),
+    )
     table = analysis.forgetting_table(df, 2.5)
     hit, miss = table.loc["hit"], table.loc["miss"]
     assert hit["reached"] and hit["at"] == "target"
@@ -145,14 +157,17 @@ def test_forgetting_table_leaves_out_pretraining_runs():
 PRETRAIN = _run("pre", [8.0, 6.0, 4.0, 3.0], tokens=[0, 100, 200, 400])
 
 
-@pytest.mark.parametrize("old_loss, expected", [
-    (5.0, 150 / 400),  # halfway from 6 (100 tokens) to 4 (200 tokens)
-    (6.0, 100 / 400),
-    (3.0, 1.0),        # reached only at the final evaluation
-    (2.5, 1.0),        # below the final loss: nothing forgotten
-    (8.0, 0.0),        # at the initial loss: everything forgotten
-    (9.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "old_loss, expected",
+    [
+        (5.0, 150 / 400),  # halfway from 6 (100 tokens) to 4 (200 tokens)
+        (6.0, 100 / 400),
+        (3.0, 1.0),  # reached only at the final evaluation
+        (2.5, 1.0),  # below the final loss: nothing forgotten
+        (8.0, 0.0),  # at the initial loss: everything forgotten
+        (9.0, 0.0),
+    ],
+)
 def test_compute_multiplier(old_loss, expected):
     assert analysis.compute_multiplier(PRETRAIN, old_loss) == pytest.approx(expected)
 
@@ -170,9 +185,12 @@ def test_compute_multiplier_needs_exactly_one_run():
 
 # ---- lr x steps, times -------------------------------------------------------------------------
 
+
 def test_lr_times_steps_is_constant_when_steps_scale_as_one_over_lr():
-    table = pd.DataFrame({"opt.lr": [1e-3, 2e-3, 4e-3], "steps": [800.0, 400.0, 200.0]},
-                         index=pd.Index(["a", "b", "c"], name="run"))
+    table = pd.DataFrame(
+        {"opt.lr": [1e-3, 2e-3, 4e-3], "steps": [800.0, 400.0, 200.0]},
+        index=pd.Index(["a", "b", "c"], name="run"),
+    )
     product = analysis.lr_times_steps(table)
     assert np.allclose(product, 0.8) and list(product.index) == ["a", "b", "c"]
     table.loc["c", "steps"] = 300.0
@@ -180,8 +198,9 @@ def test_lr_times_steps_is_constant_when_steps_scale_as_one_over_lr():
 
 
 def test_time_to_target_and_first_below():
-    df = _df(_run("a", [4.0, 3.0, 2.0], [2.0, 1.5, 1.0], time=[0.0, 10.0, 30.0]),
-             _run("b", [4.0, 3.5], [2.0, 1.9]))
+    df = _df(
+        _run("a", [4.0, 3.0, 2.0], [2.0, 1.5, 1.0], time=[0.0, 10.0, 30.0]), _run("b", [4.0, 3.5], [2.0, 1.9])
+    )
     to_target = analysis.time_to_target(df, 2.5)  # halfway from 3.0 (10 s) to 2.0 (30 s)
     assert to_target["a"] == pytest.approx(20.0) and math.isnan(to_target["b"])
     below = analysis.first_below(df, 1.25)  # the old loss halfway from 1.5 (10 s) to 1.0 (30 s)
@@ -191,28 +210,37 @@ def test_time_to_target_and_first_below():
 
 # ---- pareto frontier ---------------------------------------------------------------------------
 
+
 def test_pareto_frontier():
-    table = pd.DataFrame({"x": [3.0, 1.0, 2.0, 4.0, 5.0, 2.0, np.nan],
-                          "y": [4.0, 5.0, 3.0, 1.0, 1.0, 3.0, 0.0]},
-                         index=["d", "a", "b", "c", "e", "b2", "nan"])
+    table = pd.DataFrame(
+        {"x": [3.0, 1.0, 2.0, 4.0, 5.0, 2.0, np.nan], "y": [4.0, 5.0, 3.0, 1.0, 1.0, 3.0, 0.0]},
+        index=["d", "a", "b", "c", "e", "b2", "nan"],
+    )
     frontier = analysis.pareto_frontier(table, "x", "y")
     assert list(frontier.index) == ["a", "b", "b2", "c"]  # equal rows do not dominate each other
 
 
 # ---- errors ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call", [
-    lambda df: analysis.at_target(df, 2.5),
-    lambda df: analysis.at_best(df),
-    lambda df: analysis.forgetting_table(df),
-    lambda df: analysis.time_to_target(df, 2.5),
-    lambda df: analysis.first_below(df, 2.5),
-])
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda df: analysis.at_target(df, 2.5),
+        lambda df: analysis.at_best(df),
+        lambda df: analysis.forgetting_table(df),
+        lambda df: analysis.time_to_target(df, 2.5),
+        lambda df: analysis.first_below(df, 2.5),
+    ],
+)
 def test_missing_column_is_named(call):
     df = _run("a", [4.0, 3.0]).drop(columns="train_time_s")
     df["prev_ntp"], df["forgetting"] = 1.0, 0.0
-    with pytest.raises(ValueError, match=r"(at_target|at_best|forgetting_table|time_to_target|first_below)"
-                                         r" needs column\(s\) 'train_time_s'"):
+    with pytest.raises(
+        ValueError,
+        match=r"(at_target|at_best|forgetting_table|time_to_target|first_below)"
+        r" needs column\(s\) 'train_time_s'",
+    ):
         call(df)
 
 
@@ -250,8 +278,11 @@ def test_interpolated_values_lie_between_the_bracketing_evaluations(valid, seed,
 
 
 @settings(max_examples=200, deadline=None)
-@given(drops=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=10), a=st.floats(0.0, 12.0),
-       b=st.floats(0.0, 12.0))
+@given(
+    drops=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=10),
+    a=st.floats(0.0, 12.0),
+    b=st.floats(0.0, 12.0),
+)
 def test_compute_multiplier_lies_in_0_1_and_falls_as_old_loss_rises(drops, a, b):
     curve = 10.0 - np.cumsum([0.0, *drops])  # a non-increasing pretraining curve
     pre = _run("pre", list(curve), tokens=[50 * (i + 1) for i in range(len(curve))])

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-NAMES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")
-               if p.stem != "__init__")
+NAMES = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py") if p.stem != "__init__"
+)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,21 +7,35 @@ import json
 import numpy as np
 import pytest
 
-from forgetting_lib import binarize as binarize_module
 from forgetting_lib.__main__ import main
-from forgetting_lib.binarize import TokenFileError, binarize, read_token_file, sidecar_path
+from forgetting_lib.prep import binarize as binarize_module
+from forgetting_lib.prep.binarize import TokenFileError, binarize, read_token_file, sidecar_path
 
-SIDECAR_KEYS = {"format", "dtype", "num_tokens", "num_documents", "dataset_id", "dataset_token",
-                "corpus", "tokenizer_fingerprint", "tokenizer_dir", "vocab_size", "eos_id",
-                "max_tokens", "shuffle_documents", "seed", "created"}
+SIDECAR_KEYS = {
+    "format",
+    "dtype",
+    "num_tokens",
+    "num_documents",
+    "dataset_id",
+    "dataset_token",
+    "corpus",
+    "tokenizer_fingerprint",
+    "tokenizer_dir",
+    "vocab_size",
+    "eos_id",
+    "max_tokens",
+    "shuffle_documents",
+    "seed",
+    "created",
+}
 
 
-def test_sidecar_and_tokens_reproduce_every_document(small_tokenizer, small_corpus_dir, small_docs,
-                                                     tmp_path):
+def test_sidecar_and_tokens_reproduce_every_document(small_tokenizer, small_corpus_dir, small_docs, tmp_path):
     corpus = f"files:{small_corpus_dir}/*.txt"
     meta = binarize(corpus, small_tokenizer.directory, tmp_path / "small.bin", dataset_id=3)
-    tokens, read_meta = read_token_file(tmp_path / "small.bin",
-                                        expected_fingerprint=small_tokenizer.fingerprint)
+    tokens, read_meta = read_token_file(
+        tmp_path / "small.bin", expected_fingerprint=small_tokenizer.fingerprint
+    )
     assert read_meta == meta and set(meta) == SIDECAR_KEYS
     assert meta["format"] == "forgetting-tokens-v1" and meta["dtype"] == "uint16"
     assert (meta["dataset_id"], meta["dataset_token"]) == (3, small_tokenizer.dataset_token(3))
@@ -45,20 +59,27 @@ def test_max_tokens_truncates(small_tokenizer, small_corpus_dir, tmp_path):
     full_tokens, _ = read_token_file(tmp_path / "full.bin")
     first_doc = int(np.flatnonzero(full_tokens == small_tokenizer.eos_id)[0]) + 1
     for limit, docs in [(first_doc, 1), (first_doc + 1, 2), (full["num_tokens"] + 100, 6)]:
-        meta = binarize(corpus, small_tokenizer, tmp_path / "cut.bin", dataset_id=0,
-                        max_tokens=limit, batch_documents=2)
+        meta = binarize(
+            corpus, small_tokenizer, tmp_path / "cut.bin", dataset_id=0, max_tokens=limit, batch_documents=2
+        )
         tokens, _ = read_token_file(tmp_path / "cut.bin")
         assert meta["num_tokens"] == tokens.size == min(limit, full["num_tokens"])
         assert meta["num_documents"] == docs and meta["max_tokens"] == limit
-        np.testing.assert_array_equal(tokens, full_tokens[:tokens.size])
+        np.testing.assert_array_equal(tokens, full_tokens[: tokens.size])
 
 
 def test_shuffle_is_a_seeded_permutation_of_documents(small_tokenizer, small_corpus_dir, tmp_path):
     corpus = f"files:{small_corpus_dir}/*.txt"
     docs = {}
     for name, seed in [("a", 1), ("b", 1), ("c", 2), ("plain", 0)]:
-        binarize(corpus, small_tokenizer, tmp_path / f"{name}.bin", dataset_id=0,
-                 shuffle_documents=name != "plain", seed=seed)
+        binarize(
+            corpus,
+            small_tokenizer,
+            tmp_path / f"{name}.bin",
+            dataset_id=0,
+            shuffle_documents=name != "plain",
+            seed=seed,
+        )
         tokens, _ = read_token_file(tmp_path / f"{name}.bin")
         ends = np.flatnonzero(tokens == small_tokenizer.eos_id)
         docs[name] = [small_tokenizer.decode(s) for s in np.split(np.asarray(tokens), ends[:-1] + 1)]
@@ -81,8 +102,9 @@ def test_interrupted_binarization_leaves_nothing_readable(small_tokenizer, tmp_p
         read_token_file(tmp_path / "x.bin")
 
 
-def test_crash_between_renames_invalidates_the_old_pair(small_tokenizer, small_corpus_dir,
-                                                        tmp_path, monkeypatch):
+def test_crash_between_renames_invalidates_the_old_pair(
+    small_tokenizer, small_corpus_dir, tmp_path, monkeypatch
+):
     corpus, out = f"files:{small_corpus_dir}/*.txt", tmp_path / "x.bin"
     binarize(corpus, small_tokenizer, out, dataset_id=0)
     real_replace, calls = binarize_module.os.replace, []
@@ -127,23 +149,54 @@ def test_bad_inputs_fail_before_any_work(small_tokenizer, tmp_path):
 
 def test_cli_trains_binarizes_and_reports_errors_in_one_line(small_corpus_dir, tmp_path, capsys):
     corpus = f"files:{small_corpus_dir}/*.txt"
-    assert main(["tokenizer", "--corpus", corpus, "--out", str(tmp_path / "tok"),
-                 "--vocab-size", "400"]) == 0
-    assert main(["binarize", "--corpus", corpus, "--tokenizer", str(tmp_path / "tok"),
-                 "--out", str(tmp_path / "d/x.bin"), "--dataset-id", "2", "--max-tokens", "50",
-                 "--shuffle", "--seed", "3"]) == 0
+    assert main(["tokenizer", "--corpus", corpus, "--out", str(tmp_path / "tok"), "--vocab-size", "400"]) == 0
+    assert (
+        main(
+            [
+                "binarize",
+                "--corpus",
+                corpus,
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--out",
+                str(tmp_path / "d/x.bin"),
+                "--dataset-id",
+                "2",
+                "--max-tokens",
+                "50",
+                "--shuffle",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     meta = json.loads(sidecar_path(tmp_path / "d/x.bin").read_text())
     assert (meta["num_tokens"], meta["dataset_id"]) == (50, 2)
     assert (meta["shuffle_documents"], meta["seed"]) == (True, 3)
     capsys.readouterr()
-    assert main(["binarize", "--corpus", "nope:x", "--tokenizer", str(tmp_path / "tok"),
-                 "--out", str(tmp_path / "y.bin"), "--dataset-id", "0"]) == 2
+    assert (
+        main(
+            [
+                "binarize",
+                "--corpus",
+                "nope:x",
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--out",
+                str(tmp_path / "y.bin"),
+                "--dataset-id",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: unknown corpus spec 'nope:x'") and err.count("\n") == 1
 
 
 def test_binarize_or_reuse_rebuilds_only_when_settings_change(small_tokenizer, small_corpus_dir, tmp_path):
-    from forgetting_lib.binarize import binarize_or_reuse
+    from forgetting_lib.prep.binarize import binarize_or_reuse
 
     corpus, out = f"files:{small_corpus_dir}/*.txt", tmp_path / "x.bin"
     binarize_or_reuse(corpus, small_tokenizer, out, dataset_id=1)
@@ -155,7 +208,7 @@ def test_binarize_or_reuse_rebuilds_only_when_settings_change(small_tokenizer, s
 
 
 def test_document_lengths(small_tokenizer, small_corpus_dir, small_docs, tmp_path):
-    from forgetting_lib.binarize import document_lengths
+    from forgetting_lib.prep.binarize import document_lengths
 
     corpus = f"files:{small_corpus_dir}/*.txt"
     whole = binarize(corpus, small_tokenizer, tmp_path / "a.bin", dataset_id=0)

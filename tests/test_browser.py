@@ -33,8 +33,15 @@ from finetune_fixtures import B, T, world  # noqa: F401
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_explore_lr_replay.ipynb"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 BUDGET = 8 * B * T  # 8 steps of the tiny model
 
 
@@ -48,10 +55,17 @@ def _write_notebook(world, folder: Path) -> Path:
     """notebooks/05 with its parameters cell replaced: the tiny parent, 8-step runs."""
     base = folder / "finetune.yaml"
     config_lib.dump(world.child_config(), base)
-    params = {"parent_run": str(world.parent), "spanish_tokens": str(world.new),
-              "base_params": str(base), "out_dir": str(folder / "explore"),
-              "budgets": [BUDGET], "budget": BUDGET, "lr": 1e-3, "evals_per_run": 4,
-              "overrides": []}
+    params = {
+        "parent_run": str(world.parent),
+        "spanish_tokens": str(world.new),
+        "base_params": str(base),
+        "out_dir": str(folder / "explore"),
+        "budgets": [BUDGET],
+        "budget": BUDGET,
+        "lr": 1e-3,
+        "evals_per_run": 4,
+        "overrides": [],
+    }
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     cell.source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
@@ -62,8 +76,10 @@ def _write_notebook(world, folder: Path) -> Path:
 
 # User settings of the test's JupyterLab: all cells stay attached to the page (no windowing, so
 # widgets scrolled out of view stay visible), no news prompt.
-LAB_SETTINGS = {"notebook-extension/tracker": {"windowingMode": "none"},
-                "apputils-extension/notification": {"fetchNews": "false"}}
+LAB_SETTINGS = {
+    "notebook-extension/tracker": {"windowingMode": "none"},
+    "apputils-extension/notification": {"fetchNews": "false"},
+}
 
 
 def _start_lab(folder: Path, port: int, token: str) -> subprocess.Popen:
@@ -73,17 +89,36 @@ def _start_lab(folder: Path, port: int, token: str) -> subprocess.Popen:
         path = settings / "@jupyterlab" / f"{name}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(folder / ".jupyter"),
-           "JUPYTER_RUNTIME_DIR": str(folder / ".runtime"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(folder / ".workspaces"),
-           "JUPYTERLAB_SETTINGS_DIR": str(settings), "FORGETTING_PLAIN_PROGRESS": "1"}
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(folder / ".jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(folder / ".runtime"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(folder / ".workspaces"),
+        "JUPYTERLAB_SETTINGS_DIR": str(settings),
+        "FORGETTING_PLAIN_PROGRESS": "1",
+    }
     log = open(folder / "jupyterlab.log", "w")
     return subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.allow_root=True",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
-         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            "--ServerApp.allow_root=True",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={folder}",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _wait_for_server(proc: subprocess.Popen, url: str, timeout: float) -> None:
@@ -188,6 +223,5 @@ def _drive(page, expect) -> None:
     expect(figure.locator(".legendtext")).to_contain_text(["lr=1e-04"])
     # the trace grows as the run evaluates (steps 0, 2, 4, 6, 8), streamed from the thread
     expect(figure.locator(".scatterlayer .trace .point")).to_have_count(5, timeout=60_000)
-    expect(page.locator(".widget-html", has_text=re.compile(r"^Finished 001-"))).to_be_visible(
-        timeout=30_000)
+    expect(page.locator(".widget-html", has_text=re.compile(r"^Finished 001-"))).to_be_visible(timeout=30_000)
     expect(page.locator(".widget-html table")).to_contain_text("forgetting")

@@ -12,14 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting_lib import checkpoint
-from forgetting_lib.checkpoint import CheckpointError
+from forgetting_lib.engine import checkpoint
+from forgetting_lib.engine.checkpoint import CheckpointError
 
 
 def make_tree(version: int) -> dict:
-    return {"params": {"w": np.full((3, 4), version, np.float32), "b": np.arange(5, dtype=np.int32) + version},
-            "opt": [np.float32(version), {"mu": np.ones((2,), np.float32) * version}],
-            "count": np.int32(version)}
+    return {
+        "params": {"w": np.full((3, 4), version, np.float32), "b": np.arange(5, dtype=np.int32) + version},
+        "opt": [np.float32(version), {"mu": np.ones((2,), np.float32) * version}],
+        "count": np.int32(version),
+    }
 
 
 def assert_tree_equal(a, b):
@@ -112,6 +114,7 @@ def save_crashing_at(monkeypatch, k: int, directory, tree, meta) -> bool:
                 raise Crash
             calls[0] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     with monkeypatch.context() as m:
@@ -138,7 +141,9 @@ def crash_everywhere(monkeypatch, tmp_path, start_state):
             os.replace(d, root / ".checkpoint.old")
         crashed = save_crashing_at(monkeypatch, k, d, make_tree(2), {"version": 2})
         assert checkpoint.latest(d) is not None, (
-            f"crash before step {k} of save left no complete checkpoint: {sorted(p.name for p in root.iterdir())}")
+            f"crash before step {k} of save left no complete checkpoint: "
+            f"{sorted(p.name for p in root.iterdir())}"
+        )
         assert version_of(d) in ((1, 2) if crashed else (2,))
         checkpoint.save(d, make_tree(3), {"version": 3})  # the run goes on after a resume
         assert version_of(d) == 3
@@ -150,7 +155,3 @@ def crash_everywhere(monkeypatch, tmp_path, start_state):
 def test_a_crash_at_any_point_of_save_leaves_a_complete_checkpoint(monkeypatch, tmp_path):
     steps = crash_everywhere(monkeypatch, tmp_path, "normal")
     assert steps >= 6  # rmtree tmp, savez, meta, rmtree old, 2 renames, rmtree old
-
-
-
-

@@ -3,20 +3,18 @@ combination checks, `replace`, and a dump -> load round trip."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from forgetting_lib import config
 from forgetting_lib.config import Config, ConfigError
 
-PARAMS = Path(__file__).resolve().parents[1] / "params"
-
-BASE = {"data": {"path": "x.bin", "T": 32, "batch_size": 4},
-        "model": {"D": 64, "L": 2, "H": 16, "V": 128},
-        "opt": {"lr": 3e-3},
-        "stop": {"num_tokens_train": 10_000}}
+BASE = {
+    "data": {"path": "x.bin", "T": 32, "batch_size": 4},
+    "model": {"D": 64, "L": 2, "H": 16, "V": 128},
+    "opt": {"lr": 3e-3},
+    "stop": {"num_tokens_train": 10_000},
+}
 
 
 def test_load_from_dict_sets_fields_and_keeps_defaults():
@@ -55,12 +53,15 @@ def test_missing_config_file_is_an_error(tmp_path):
         config.load(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["opt.lrr=1e-3"], r"opt\.lrr.*did you mean opt\.lr\?"),
-    (["optt.lr=1e-3"], r"optt.*did you mean opt\?"),
-    (["model.dtpye=float32"], r"did you mean model\.dtype\?"),
-    (["stop.num_token_train=5"], r"did you mean stop\.num_tokens_train\?"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["opt.lrr=1e-3"], r"opt\.lrr.*did you mean opt\.lr\?"),
+        (["optt.lr=1e-3"], r"optt.*did you mean opt\?"),
+        (["model.dtpye=float32"], r"did you mean model\.dtype\?"),
+        (["stop.num_token_train=5"], r"did you mean stop\.num_tokens_train\?"),
+    ],
+)
 def test_unknown_key_names_the_nearest_one(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config.load(BASE, overrides)
@@ -80,41 +81,57 @@ def test_override_must_name_section_and_key():
         config.load(BASE, ["opt.lr"])
 
 
-@pytest.mark.parametrize("key, value", [
-    ("model.D", 1.5), ("model.D", "64x"), ("model.D", True), ("model.remat", "yes"),
-    ("model.remat", 1), ("opt.lr", "fast"), ("opt.lr", True), ("run.name", 3),
-    ("data.T", None), ("stop.num_tokens_train", 10.5),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("model.D", 1.5),
+        ("model.D", "64x"),
+        ("model.D", True),
+        ("model.remat", "yes"),
+        ("model.remat", 1),
+        ("opt.lr", "fast"),
+        ("opt.lr", True),
+        ("run.name", 3),
+        ("data.T", None),
+        ("stop.num_tokens_train", 10.5),
+    ],
+)
 def test_wrong_types_are_rejected_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.load(BASE, [(key, value)])
 
 
 def test_accepted_coercions():
-    cfg = config.load(BASE, [("model.D", 64.0), ("opt.lr", 1), ("model.remat", True),
-                             ("stop.target_loss", None)])
+    cfg = config.load(
+        BASE, [("model.D", 64.0), ("opt.lr", 1), ("model.remat", True), ("stop.target_loss", None)]
+    )
     assert type(cfg.model.D) is int and type(cfg.opt.lr) is float and cfg.model.remat is True
     assert cfg.stop.target_loss is None
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"stop.num_tokens_train": 1000, "stop.num_epochs": 2}, "stop"),          # two length rules
-    ({"stop.num_tokens_train": 1000, "stop.tokens_per_param": 2.0}, "stop"),
-    ({"stop.num_tokens_train": None, "opt.schedule": "cosine", "stop.target_loss": 1.0},
-     "opt.schedule"),                                                         # cosine, no length
-    ({"stop.num_tokens_train": None}, "stop"),                                # no stop rule at all
-    ({"mix.fraction": 0.25}, "mix.path"),                                     # fraction, no file
-    ({"mix.fraction": 1.0, "mix.path": "m.bin"}, "mix.fraction"),
-    ({"model.D": 60, "model.H": 16}, "model.D"),                              # D % H != 0
-    ({"model.V": 65537}, "model.V"),                                          # beyond uint16
-    ({"model.dtype": "float16"}, "model.dtype"),
-    ({"opt.schedule": "linear"}, "opt.schedule"),
-    ({"opt.lr": 0.0}, "opt.lr"),
-    ({"data.microbatch_rows": 3}, "data.microbatch_rows"),                    # must divide B=4
-    ({"stop.patience": 0, "stop.num_tokens_train": None}, "stop"),
-    ({"stop.train_time_s": -1.0}, "stop.train_time_s"),
-    ({"log.every_tokens": 0}, "log.every_tokens"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"stop.num_tokens_train": 1000, "stop.num_epochs": 2}, "stop"),  # two length rules
+        ({"stop.num_tokens_train": 1000, "stop.tokens_per_param": 2.0}, "stop"),
+        (
+            {"stop.num_tokens_train": None, "opt.schedule": "cosine", "stop.target_loss": 1.0},
+            "opt.schedule",
+        ),  # cosine, no length
+        ({"stop.num_tokens_train": None}, "stop"),  # no stop rule at all
+        ({"mix.fraction": 0.25}, "mix.path"),  # fraction, no file
+        ({"mix.fraction": 1.0, "mix.path": "m.bin"}, "mix.fraction"),
+        ({"model.D": 60, "model.H": 16}, "model.D"),  # D % H != 0
+        ({"model.V": 65537}, "model.V"),  # beyond uint16
+        ({"model.dtype": "float16"}, "model.dtype"),
+        ({"opt.schedule": "linear"}, "opt.schedule"),
+        ({"opt.lr": 0.0}, "opt.lr"),
+        ({"data.microbatch_rows": 3}, "data.microbatch_rows"),  # must divide B=4
+        ({"stop.patience": 0, "stop.num_tokens_train": None}, "stop"),
+        ({"stop.train_time_s": -1.0}, "stop.train_time_s"),
+        ({"log.every_tokens": 0}, "log.every_tokens"),
+    ],
+)
 def test_invalid_combinations_are_rejected(overrides, key):
     with pytest.raises(ConfigError) as err:
         config.load(BASE, list(overrides.items()))
@@ -122,9 +139,17 @@ def test_invalid_combinations_are_rejected(overrides, key):
 
 
 def test_valid_edge_combinations_are_accepted():
-    cfg = config.load(BASE, [("model.V", 65536), ("opt.schedule", "cosine"),
-                             ("stop.target_loss", 1.0), ("stop.patience", 3),
-                             ("mix.path", "m.bin"), ("mix.fraction", 0.5)])
+    cfg = config.load(
+        BASE,
+        [
+            ("model.V", 65536),
+            ("opt.schedule", "cosine"),
+            ("stop.target_loss", 1.0),
+            ("stop.patience", 3),
+            ("mix.path", "m.bin"),
+            ("mix.fraction", 0.5),
+        ],
+    )
     assert cfg.model.V == 65536 and cfg.mix.fraction == 0.5
     only_time = config.load(BASE, [("stop.num_tokens_train", None), ("stop.train_time_s", 5)])
     assert only_time.stop.train_time_s == 5.0
@@ -143,21 +168,19 @@ def test_replace_returns_a_validated_copy():
 
 
 def test_dump_load_round_trip(tmp_path):
-    cfg = config.load(BASE, ["opt.lr=1e-3", "stop.target_loss=2.5", "mix.path=m.bin",
-                             "mix.fraction=0.25", "model.remat=true", "log.checkpoint_every_tokens=4096"])
+    cfg = config.load(
+        BASE,
+        [
+            "opt.lr=1e-3",
+            "stop.target_loss=2.5",
+            "mix.path=m.bin",
+            "mix.fraction=0.25",
+            "model.remat=true",
+            "log.checkpoint_every_tokens=4096",
+        ],
+    )
     config.dump(cfg, tmp_path / "c.yaml")
     again = config.load(tmp_path / "c.yaml")
     assert again == cfg and again.to_dict() == cfg.to_dict()
     config.dump(config.load(BASE), tmp_path / "d.yaml")  # defaults (None, '') survive too
     assert config.load(tmp_path / "d.yaml") == config.load(BASE)
-
-
-@pytest.mark.parametrize("path", sorted(PARAMS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(PARAMS)))
-def test_every_shipped_parameter_file_loads(path):
-    raw = yaml.safe_load(path.read_text())
-    notebooks = {nb.stem for nb in (PARAMS.parent / "notebooks").rglob("*.ipynb")}
-    if path.stem in notebooks or "notebook" in raw:
-        pytest.skip("a notebook's parameters: checked against the notebook in test_packaging")
-    if "base" in raw or "grid" in raw:  # a sweep spec: its base must be a valid config
-        raw = raw.get("base", {})
-    config.load(raw)

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from forgetting_lib import corpora
-from forgetting_lib.corpora import CorpusError, iter_documents, osis_to_text, parse_hf_spec
+from forgetting_lib.prep import corpora
+from forgetting_lib.prep.corpora import CorpusError, iter_documents, osis_to_text, parse_hf_spec
 
 
 def test_sample_has_one_document_per_chapter(sample_docs):
@@ -65,9 +65,11 @@ def test_unknown_sample_language_and_prefix():
 
 
 def test_osis_to_text_drops_notes_and_tags_without_gluing_words():
-    osis = ('<w lemma="strong:H0776">earth</w>.<note placement="foot"><reference>1.4</reference>'
-            'Heb. between</note> <lb type="x-p"/><l level="1"/>And <transChange type="added">it'
-            '</transChange> was &amp; is<lb/>good&#39;s  \n end')
+    osis = (
+        '<w lemma="strong:H0776">earth</w>.<note placement="foot"><reference>1.4</reference>'
+        'Heb. between</note> <lb type="x-p"/><l level="1"/>And <transChange type="added">it'
+        "</transChange> was &amp; is<lb/>good&#39;s  \n end"
+    )
     assert osis_to_text(osis) == "earth. And it was & is good's end"
 
 
@@ -99,8 +101,10 @@ def test_hf_shuffle_is_a_seeded_permutation(tmp_path):
 
 def test_hf_spec_errors(tmp_path):
     assert parse_hf_spec("hf:allenai/c4:en?split=validation") == (
-        "allenai/c4", "en", {"split": "validation", "text_field": "text", "data_files": None,
-                             "shuffle_buffer": "10000"})
+        "allenai/c4",
+        "en",
+        {"split": "validation", "text_field": "text", "data_files": None, "shuffle_buffer": "10000"},
+    )
     with pytest.raises(CorpusError, match="unknown option 'splt'.*split"):
         iter_documents("hf:allenai/c4?splt=train")
     with pytest.raises(CorpusError, match="shuffle_buffer"):
@@ -113,8 +117,15 @@ def test_hf_spec_errors(tmp_path):
 def test_files_reads_txt_blocks_jsonl_and_parquet_in_sorted_order(tmp_path):
     (tmp_path / "c.txt").write_text("one\nline two\n\n\n  \nthree\n", encoding="utf-8")
     _write_rows(tmp_path, ["p0", "p1", "p2", "j0", "j1"])
-    assert list(iter_documents(f"files:{tmp_path}/*")) == ["p0", "p1", "p2", "j0", "j1",
-                                                           "one\nline two", "three"]
+    assert list(iter_documents(f"files:{tmp_path}/*")) == [
+        "p0",
+        "p1",
+        "p2",
+        "j0",
+        "j1",
+        "one\nline two",
+        "three",
+    ]
 
 
 def test_files_errors(tmp_path):

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tokenfiles import FIRST_TEXT_ID, write_token_file
 
-from forgetting_lib import data
-from forgetting_lib.binarize import TokenFileError, sidecar_path
-from forgetting_lib.data import (
+from forgetting_lib.engine import data
+from forgetting_lib.engine.data import (
     Batcher,
     DataError,
     eval_batches,
     mix_row_count,
     open_rows,
 )
+from forgetting_lib.prep.binarize import TokenFileError, sidecar_path
+
+from tokenfiles import FIRST_TEXT_ID, write_token_file
 
 T, V = 16, 64
 
@@ -87,8 +88,7 @@ def test_batches_are_a_pure_function_of_the_step(main_file):
 def test_each_epoch_covers_every_train_row_exactly_once(main_file):
     rows = open_main(main_file)  # 80 train rows
     batcher = Batcher(rows, 8, seed=0)
-    epochs = [row_ids(rows, np.concatenate([batcher.batch(e * 10 + s) for s in range(10)]))
-              for e in range(2)]
+    epochs = [row_ids(rows, np.concatenate([batcher.batch(e * 10 + s) for s in range(10)])) for e in range(2)]
     for ids in epochs:
         assert sorted(ids) == sorted(rows.train_rows.tolist())
     assert epochs[0] != epochs[1]  # each epoch is a fresh permutation
@@ -100,13 +100,13 @@ def test_epochs_cover_every_row_when_the_batch_does_not_divide_them(main_file):
     n = len(rows.train_rows)
     positions = data.positions_to_rows(rows.train_rows, 0, 4 * n, seed=5, stream=data.STREAM_TRAIN)
     for e in range(4):
-        assert sorted(positions[e * n:(e + 1) * n].tolist()) == sorted(rows.train_rows.tolist())
+        assert sorted(positions[e * n : (e + 1) * n].tolist()) == sorted(rows.train_rows.tolist())
     batcher = Batcher(rows, 6, seed=5)
     flat = np.concatenate([batcher.batch(s) for s in range(40)])  # 240 rows: into the 4th epoch
     np.testing.assert_array_equal(row_ids(rows, flat), positions[:240])
     # a window that straddles an epoch boundary is the tail of one permutation + head of the next
     window = data.positions_to_rows(rows.train_rows, n - 3, 6, seed=5, stream=data.STREAM_TRAIN)
-    np.testing.assert_array_equal(window, positions[n - 3:n + 3])
+    np.testing.assert_array_equal(window, positions[n - 3 : n + 3])
 
 
 def test_mixing_puts_the_mix_rows_at_the_end_of_each_batch(main_file, mix_file):
@@ -119,9 +119,9 @@ def test_mixing_puts_the_mix_rows_at_the_end_of_each_batch(main_file, mix_file):
         for step in range(3):
             batch = batcher.batch(step)
             assert batch.shape == (B, T)
-            assert (batch[:B - m, 0] == 1).all() and (batch[B - m:, 0] == 2).all()
-            assert set(row_ids(mix, batch[B - m:])) <= set(mix.train_rows.tolist())
-            assert set(row_ids(main, batch[:B - m])) <= set(main.train_rows.tolist())
+            assert (batch[: B - m, 0] == 1).all() and (batch[B - m :, 0] == 2).all()
+            assert set(row_ids(mix, batch[B - m :])) <= set(mix.train_rows.tolist())
+            assert set(row_ids(main, batch[: B - m])) <= set(main.train_rows.tolist())
     assert mix_row_count(8, 0.0) == 0 and mix_row_count(8, 0.01) == 1
     # an epoch of the main file counts only the main rows of each batch
     assert Batcher(main, 10, seed=0, mix=mix, mix_rows=2).epochs(10) == 1.0

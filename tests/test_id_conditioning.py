@@ -9,11 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from forgetting_lib import config as config_lib, data as data_lib, model as model_lib
-from forgetting_lib.binarize import binarize
-from forgetting_lib.checkpoint import load
-from forgetting_lib.sampling import make_sampler, sample_from_id
-from forgetting_lib.train import train_and_evaluate
+from forgetting_lib import config as config_lib
+from forgetting_lib.engine import data as data_lib, model as model_lib
+from forgetting_lib.engine.checkpoint import load
+from forgetting_lib.engine.sampling import make_sampler, sample_from_id
+from forgetting_lib.engine.train import train_and_evaluate
+from forgetting_lib.prep.binarize import binarize
 
 T, V = 64, 4096
 
@@ -33,14 +34,17 @@ def test_rows_sampled_with_an_id_look_like_that_language(tmp_path, sample_tokeni
     paths = {}
     for lang, dataset_id in (("en", 0), ("es", 1)):
         paths[lang] = tmp_path / f"{lang}.bin"
-        binarize(f"sample:{lang}", sample_tokenizer, paths[lang], dataset_id=dataset_id,
-                 max_tokens=300_000)
-    cfg = config_lib.load({
-        "data": {"path": str(paths["en"]), "T": T, "batch_size": 16, "valid_tokens": 8192},
-        "mix": {"path": str(paths["es"]), "fraction": 0.5, "valid_tokens": 8192},
-        "model": {"D": 64, "L": 2, "H": 32, "V": V},
-        "opt": {"lr": 3e-3, "warmup_tokens": 10_000},
-        "stop": {"num_tokens_train": 250_000}, "log": {"every_tokens": 125_000, "progress": False}})
+        binarize(f"sample:{lang}", sample_tokenizer, paths[lang], dataset_id=dataset_id, max_tokens=300_000)
+    cfg = config_lib.load(
+        {
+            "data": {"path": str(paths["en"]), "T": T, "batch_size": 16, "valid_tokens": 8192},
+            "mix": {"path": str(paths["es"]), "fraction": 0.5, "valid_tokens": 8192},
+            "model": {"D": 64, "L": 2, "H": 32, "V": V},
+            "opt": {"lr": 3e-3, "warmup_tokens": 10_000},
+            "stop": {"num_tokens_train": 250_000},
+            "log": {"every_tokens": 125_000, "progress": False},
+        }
+    )
     run = train_and_evaluate(cfg, tmp_path / "run")
     graphdef, abstract = model_lib.abstract_params(cfg.model)
     params = load(run.out_dir / "checkpoint", {"params": abstract})[0]["params"]

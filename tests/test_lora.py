@@ -10,11 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from forgetting_lib import checkpoint, config as config_lib, lora, runs
+from forgetting_lib import config as config_lib, runs
 from forgetting_lib.config import ModelConfig
-from forgetting_lib.finetune import KEY_MODEL, load_parent, resolve
-from forgetting_lib.model import abstract_params, init_model, make_forward
-from forgetting_lib.train import train_and_evaluate
+from forgetting_lib.engine import checkpoint, lora
+from forgetting_lib.engine.finetune import KEY_MODEL, load_parent, resolve
+from forgetting_lib.engine.model import abstract_params, init_model, make_forward
+from forgetting_lib.engine.train import train_and_evaluate
 
 from finetune_fixtures import PARENT_SEED, T, V, world  # noqa: F401
 
@@ -34,7 +35,7 @@ def model():
 
 
 def block_matrices(params) -> dict[str, np.ndarray]:
-    """"block.name" -> the matrix as float64 [fan_in, fan_out]."""
+    """ "block.name" -> the matrix as float64 [fan_in, fan_out]."""
     out = {}
     for i in range(CFG.L):
         for name, (fan_in, fan_out) in FANS.items():
@@ -78,8 +79,10 @@ def test_merge_adds_A_times_B_in_fan_layout(model):
     _, params = model
     adapters = lora.init_adapters(params, RANK, key=jax.random.key(0))
     rng = np.random.default_rng(2)
-    adapters = {k: {"A": v["A"], "B": jnp.asarray(rng.normal(0, 0.1, v["B"].shape), jnp.float32)}
-                for k, v in adapters.items()}
+    adapters = {
+        k: {"A": v["A"], "B": jnp.asarray(rng.normal(0, 0.1, v["B"].shape), jnp.float32)}
+        for k, v in adapters.items()
+    }
     merged, base = block_matrices(lora.merge(params, adapters)), block_matrices(params)
     for name, ab in adapters.items():
         delta = merged[name] - base[name]
@@ -123,8 +126,7 @@ def test_lora_run_moves_block_matrices_by_rank_r(world, lora_run):
 @pytest.fixture(scope="module")
 def lora_child(world, lora_run):
     """Plain finetuning (back on the old data) of the LoRA run's checkpoint."""
-    return world.finetune("lora_child", {"data.path": str(world.old)}, parent=lora_run.out_dir,
-                          steps=4)
+    return world.finetune("lora_child", {"data.path": str(world.old)}, parent=lora_run.out_dir, steps=4)
 
 
 def test_lora_checkpoint_is_a_parent(world, lora_run, lora_child):

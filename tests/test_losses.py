@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting_lib import losses
+from forgetting_lib.engine import losses
 
 # jitted once and shared: eager dispatch compiles every primitive separately (slow on a CPU)
 kl_pp, ntp_pp = jax.jit(losses.kl_per_position), jax.jit(losses.ntp_per_position)
 SHAPE = (3, 7, 50)
+
 
 @pytest.fixture(autouse=True)
 def strict_promotion():
@@ -50,6 +51,7 @@ def test_kl_matches_a_direct_computation():
     def direct(p, q):
         pp, qq = jax.nn.softmax(p, axis=-1), jax.nn.softmax(q, axis=-1)
         return jnp.sum(pp * (jnp.log(pp) - jnp.log(qq)), axis=-1)
+
     np.testing.assert_allclose(kl_pp(p, q), direct(p, q), atol=1e-5, rtol=1e-5)
 
 
@@ -79,8 +81,10 @@ def test_ntp_of_a_certain_correct_prediction_is_zero():
     assert per.shape == (SHAPE[0], SHAPE[1] - 1) and per.dtype == jnp.float32
     np.testing.assert_allclose(per, 0.0, atol=1e-6)
     # certain and wrong: ~100 nats
-    wrong = ntp_pp(100.0 * jax.nn.one_hot((tokens + 1) % SHAPE[2], SHAPE[2], dtype=jnp.float32),
-                   jnp.roll(tokens, 1, axis=1))
+    wrong = ntp_pp(
+        100.0 * jax.nn.one_hot((tokens + 1) % SHAPE[2], SHAPE[2], dtype=jnp.float32),
+        jnp.roll(tokens, 1, axis=1),
+    )
     assert float(jnp.min(wrong)) > 99.0
 
 

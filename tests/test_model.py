@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting_lib import losses, model
 from forgetting_lib.config import ModelConfig
+from forgetting_lib.engine import losses, model
 
 CFG = ModelConfig(D=32, L=2, H=8, V=64, dtype="float32")
 B, T = 8, 16  # B*T = 128: not a multiple of the odd chunk size 7 used below
@@ -34,8 +34,7 @@ def strict_promotion():
 def net():
     with jax.numpy_dtype_promotion("strict"):
         graphdef, params = model.init_model(CFG, key=jax.random.key(0))
-    return SimpleNamespace(graphdef=graphdef, params=params,
-                           forward=jax.jit(model.make_forward(graphdef)))
+    return SimpleNamespace(graphdef=graphdef, params=params, forward=jax.jit(model.make_forward(graphdef)))
 
 
 def tokens_for(seed: int = 1, shape=(B, T)) -> jax.Array:
@@ -86,7 +85,7 @@ def test_kv_cache_decoding_equals_full_forward(net):
     logits, cache = step(net.params, tokens[:, :prefill], cache, jnp.int32(0))
     pieces = [logits]
     for t in range(prefill, T):
-        logits, cache = step(net.params, tokens[:, t:t + 1], cache, jnp.int32(t))
+        logits, cache = step(net.params, tokens[:, t : t + 1], cache, jnp.int32(t))
         pieces.append(logits)
     decoded = jnp.concatenate(pieces, axis=1)
     assert decoded.shape == full.shape

@@ -15,8 +15,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from forgetting_lib import notebooks, runs
-from forgetting_lib.notebooks import NotebookError, parameters_of, run_notebook
+from forgetting_lib import runs
+from forgetting_lib.experiments import notebooks
+from forgetting_lib.experiments.notebooks import NotebookError, parameters_of, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
@@ -26,17 +27,18 @@ TINY_DATA = {"T": T, "batch_size": B, "valid_tokens": 4 * T, "microbatch_rows": 
 
 WORDS = {
     "en": "the lord said unto him and they went into the city of david where his people dwelt "
-          "in the land of egypt for many days and nights".split(),
+    "in the land of egypt for many days and nights".split(),
     "es": "el señor le dijo y fueron a la ciudad de david donde su pueblo habitaba en la tierra "
-          "de egipto por muchos días y noches".split(),
+    "de egipto por muchos días y noches".split(),
 }
 
 
 def _write_corpus(folder: Path, lang: str, docs: int = 40) -> str:
     """A `files:` corpus of `docs` pseudo-random documents (blank-line separated)."""
     rng = random.Random(lang)
-    text = "\n\n".join(" ".join(rng.choice(WORDS[lang]) for _ in range(rng.randint(30, 90))) + "."
-                       for _ in range(docs))
+    text = "\n\n".join(
+        " ".join(rng.choice(WORDS[lang]) for _ in range(rng.randint(30, 90))) + "." for _ in range(docs)
+    )
     (folder / f"{lang}.txt").write_text(text + "\n", encoding="utf-8")
     return f"files:{folder}/{lang}.txt"
 
@@ -46,36 +48,66 @@ def walkthrough(tmp_path_factory) -> dict:
     """Run 01..04 with tiny parameters; returns the folders and each executed notebook."""
     base = tmp_path_factory.mktemp("walkthrough")
     corpora = {lang: _write_corpus(base, lang) for lang in ("en", "es")}
-    paths = {"tok": base / "tokenizer", "data": base / "data", "runs": base / "runs",
-             "figures": base / "figures", "executed": base / "executed"}
-    params = {
-        "01_tokenizer": {"corpora": corpora, "tokenizer_dir": str(paths["tok"]), "vocab_size": 320,
-                         "chars_per_corpus": 20_000, "stats_documents": 10,
-                         "examples": ["the lord said", "el señor dijo"],
-                         "figures_dir": str(paths["figures"])},
-        "02_binarize": {"corpora": corpora, "dataset_ids": {"en": 0, "es": 1},
-                        "tokenizer_dir": str(paths["tok"]), "data_dir": str(paths["data"]),
-                        "max_tokens": 4000, "T": T, "show_rows": 2,
-                        "figures_dir": str(paths["figures"])},
-        "03_pretrain": {"run_config": {"run": {"name": "tiny_en"}, "data": TINY_DATA, "model": TINY_MODEL,
-                                       "opt": {"lr": 3e-3, "warmup_tokens": 0},
-                                       "stop": {"num_tokens_train": 4 * B * T},
-                                       "log": {"every_tokens": 2 * B * T}},
-                        "data_path": str(paths["data"] / "en.bin"),
-                        "run_dir": str(paths["runs"] / "pretrain_en"),
-                        "figures_dir": str(paths["figures"])},
-        "04_finetune_replay": {
-            "run_config": {"run": {"name": "tiny_es"}, "data": TINY_DATA,
-                           "opt": {"lr": 3e-3, "warmup_tokens": 0},
-                           "reg": {"coeff": 1.0, "replay_batch_size": 4, "buffer": 2},
-                           "stop": {"num_tokens_train": 2 * B * T}, "log": {"every_tokens": B * T}},
-            "parent_dir": str(paths["runs"] / "pretrain_en"),
-            "data_path": str(paths["data"] / "es.bin"), "runs_dir": str(paths["runs"]),
-            "tokenizer_dir": str(paths["tok"]), "num_samples": 2,
-            "figures_dir": str(paths["figures"])},
+    paths = {
+        "tok": base / "tokenizer",
+        "data": base / "data",
+        "runs": base / "runs",
+        "figures": base / "figures",
+        "executed": base / "executed",
     }
-    executed = {name: run_notebook(name, params[name], paths["executed"], cwd=base)
-                for name in notebooks.WALKTHROUGH}
+    params = {
+        "01_tokenizer": {
+            "corpora": corpora,
+            "tokenizer_dir": str(paths["tok"]),
+            "vocab_size": 320,
+            "chars_per_corpus": 20_000,
+            "stats_documents": 10,
+            "examples": ["the lord said", "el señor dijo"],
+            "figures_dir": str(paths["figures"]),
+        },
+        "02_binarize": {
+            "corpora": corpora,
+            "dataset_ids": {"en": 0, "es": 1},
+            "tokenizer_dir": str(paths["tok"]),
+            "data_dir": str(paths["data"]),
+            "max_tokens": 4000,
+            "T": T,
+            "show_rows": 2,
+            "figures_dir": str(paths["figures"]),
+        },
+        "03_pretrain": {
+            "run_config": {
+                "run": {"name": "tiny_en"},
+                "data": TINY_DATA,
+                "model": TINY_MODEL,
+                "opt": {"lr": 3e-3, "warmup_tokens": 0},
+                "stop": {"num_tokens_train": 4 * B * T},
+                "log": {"every_tokens": 2 * B * T},
+            },
+            "data_path": str(paths["data"] / "en.bin"),
+            "run_dir": str(paths["runs"] / "pretrain_en"),
+            "figures_dir": str(paths["figures"]),
+        },
+        "04_finetune_replay": {
+            "run_config": {
+                "run": {"name": "tiny_es"},
+                "data": TINY_DATA,
+                "opt": {"lr": 3e-3, "warmup_tokens": 0},
+                "reg": {"coeff": 1.0, "replay_batch_size": 4, "buffer": 2},
+                "stop": {"num_tokens_train": 2 * B * T},
+                "log": {"every_tokens": B * T},
+            },
+            "parent_dir": str(paths["runs"] / "pretrain_en"),
+            "data_path": str(paths["data"] / "es.bin"),
+            "runs_dir": str(paths["runs"]),
+            "tokenizer_dir": str(paths["tok"]),
+            "num_samples": 2,
+            "figures_dir": str(paths["figures"]),
+        },
+    }
+    executed = {
+        name: run_notebook(name, params[name], paths["executed"], cwd=base) for name in notebooks.WALKTHROUGH
+    }
     return {**paths, "notebooks": executed}
 
 
@@ -89,10 +121,12 @@ def _code_outputs(path: Path) -> str:
 def test_committed_notebook_is_clean(path):
     book = nbformat.read(path, as_version=4)
     code = [c for c in book.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), \
+    assert all(not c.outputs and c.execution_count is None for c in code), (
         f"{path.name} is committed with outputs: clear them (Edit > Clear Outputs of All Cells)"
-    assert "parameters" in code[0].metadata.get("tags", []), \
+    )
+    assert "parameters" in code[0].metadata.get("tags", []), (
         f"{path.name}: its first code cell must be tagged `parameters`"
+    )
     parameters_of(path)  # plain `name = literal` lines only
 
 
@@ -128,7 +162,7 @@ def test_03_pretrain(walkthrough):
 
 
 def test_04_finetune_replay(walkthrough):
-    folders = [walkthrough["runs"] / f"finetune_es_{m}" for m in ("plain", "kl_self", "kl_real")]
+    folders = [walkthrough["runs"] / f"finetune_es_{m}" for m in ("standard", "kl_self", "kl_real")]
     table = runs.final_table(folders)
     assert list(table.index) == [f.name for f in folders]
     assert (table["status"] == "finished").all()
@@ -148,11 +182,17 @@ def test_executed_notebooks_keep_figures_and_plain_progress(walkthrough):
 
 def test_failing_notebook_names_notebook_and_cell(tmp_path):
     with pytest.raises(NotebookError, match=r"03_pretrain.ipynb failed in code cell .*train_and_evaluate"):
-        run_notebook("03_pretrain", {"run_config": {"data": TINY_DATA, "model": TINY_MODEL,
-                                                    "stop": {"num_tokens_train": B * T}},
-                                     "data_path": str(tmp_path / "missing.bin"),
-                                     "run_dir": str(tmp_path / "run"),
-                                     "figures_dir": str(tmp_path)}, tmp_path / "executed", cwd=tmp_path)
+        run_notebook(
+            "03_pretrain",
+            {
+                "run_config": {"data": TINY_DATA, "model": TINY_MODEL, "stop": {"num_tokens_train": B * T}},
+                "data_path": str(tmp_path / "missing.bin"),
+                "run_dir": str(tmp_path / "run"),
+                "figures_dir": str(tmp_path),
+            },
+            tmp_path / "executed",
+            cwd=tmp_path,
+        )
     assert (tmp_path / "executed" / "03_pretrain.ipynb").is_file()
 
 

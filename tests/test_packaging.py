@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgetting_lib import config as config_lib
-from forgetting_lib.notebooks import WALKTHROUGH, parameters_of
+from forgetting_lib import config as config_lib, methods
+from forgetting_lib.experiments.notebooks import WALKTHROUGH, parameters_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,9 @@ def test_environment_yml_matches_pyproject():
     assert "-e ." in pip
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert tuple(int(x) for x in python.split("=")[1].split(".")) >= \
-        tuple(int(x) for x in requires.lstrip(">=").split("."))
+    assert tuple(int(x) for x in python.split("=")[1].split(".")) >= tuple(
+        int(x) for x in requires.lstrip(">=").split(".")
+    )
 
 
 PARAM_FILES = sorted((ROOT / "params").rglob("*.yaml"))
@@ -56,18 +57,17 @@ def test_there_are_parameter_files():
     assert any("quick" in p.parts for p in PARAM_FILES)
 
 
-@pytest.mark.parametrize("path", [p for p in PARAM_FILES if not _is_notebook_params(p)],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", [p for p in PARAM_FILES if not _is_notebook_params(p)], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_parameter_file_loads(path):
-    raw = yaml.safe_load(path.read_text())
-    if "base" in raw or "grid" in raw:  # sweep specs are validated by the sweep module
-        pytest.skip("sweep spec")
     cfg = config_lib.load(path)
     assert cfg.stop != config_lib.StopConfig()  # every shipped run has a stop rule
 
 
-@pytest.mark.parametrize("path", [p for p in PARAM_FILES if _is_notebook_params(p)],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", [p for p in PARAM_FILES if _is_notebook_params(p)], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_notebook_parameter_file_matches_its_notebook(path):
     raw = yaml.safe_load(path.read_text())
     raw.pop("notebook", None)
@@ -78,12 +78,16 @@ def test_notebook_parameter_file_matches_its_notebook(path):
         assert set(raw) == set(defaults), f"{path.relative_to(ROOT)} must set every parameter"
     for key, value in raw.items():  # same kinds of values as the notebook's defaults
         default = defaults[key]
-        assert value is None or default is None or isinstance(value, type(default)) \
-            or (isinstance(value, (int, float)) and isinstance(default, (int, float))), key
+        assert (
+            value is None
+            or default is None
+            or isinstance(value, type(default))
+            or (isinstance(value, (int, float)) and isinstance(default, (int, float)))
+        ), key
     if "run_config" in raw:  # the embedded run config (file or mapping) loads with every override
         source = raw["run_config"]
         source = ROOT / source if isinstance(source, str) else source
-        for method in (raw.get("methods") or {"": {}}).values():
+        for method in (methods.named(raw["methods"]) if raw.get("methods") else {"": {}}).values():
             config_lib.load(source, [*raw["overrides"].items(), *method.items()])
 
 

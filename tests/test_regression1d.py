@@ -14,14 +14,32 @@ import numpy as np
 import pytest
 import yaml
 
-from forgetting_lib import config as config_lib, regression1d as r1d, regression1d_plots
+from forgetting_lib import config as config_lib
+from forgetting_lib.figures.regression1d import plots as regression1d_plots, study as r1d
 
 ROOT = Path(__file__).resolve().parents[1]
 # 16 particles and short runs: ~2 s after compilation, same qualitative result as the quick scale
-SMALL = {"chains": 2, "particles_per_chain": 8, "burn_in_steps": 2000, "thin_steps": 10,
-         "adapt_steps": 300, "adapt_lr": 3e-3, "n_test": 100, "grid_points": 50}
-TINY = {"chains": 2, "particles_per_chain": 2, "burn_in_steps": 20, "thin_steps": 2,
-        "adapt_steps": 5, "n_old": 8, "n_new": 8, "n_test": 8, "grid_points": 16}
+SMALL = {
+    "chains": 2,
+    "particles_per_chain": 8,
+    "burn_in_steps": 2000,
+    "thin_steps": 10,
+    "adapt_steps": 300,
+    "adapt_lr": 3e-3,
+    "n_test": 100,
+    "grid_points": 50,
+}
+TINY = {
+    "chains": 2,
+    "particles_per_chain": 2,
+    "burn_in_steps": 20,
+    "thin_steps": 2,
+    "adapt_steps": 5,
+    "n_old": 8,
+    "n_new": 8,
+    "n_test": 8,
+    "grid_points": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +51,12 @@ def small_run(tmp_path_factory) -> tuple[Path, dict]:
 def test_data_lies_in_its_intervals_and_is_seeded():
     cfg = r1d.load_config({})
     data = r1d.make_data(cfg, key=jax.random.key(0))
-    for name, lo, hi, n in [("old", cfg.old_lo, cfg.old_hi, cfg.n_old),
-                            ("new", cfg.new_lo, cfg.new_hi, cfg.n_new),
-                            ("test_old", cfg.old_lo, cfg.old_hi, cfg.n_test),
-                            ("test_new", cfg.new_lo, cfg.new_hi, cfg.n_test)]:
+    for name, lo, hi, n in [
+        ("old", cfg.old_lo, cfg.old_hi, cfg.n_old),
+        ("new", cfg.new_lo, cfg.new_hi, cfg.n_new),
+        ("test_old", cfg.old_lo, cfg.old_hi, cfg.n_test),
+        ("test_new", cfg.new_lo, cfg.new_hi, cfg.n_test),
+    ]:
         x, y = data[f"x_{name}"], data[f"y_{name}"]
         assert x.shape == y.shape == (n,) and x.dtype == y.dtype == jnp.float32
         assert lo <= float(x.min()) and float(x.max()) <= hi
@@ -51,8 +71,11 @@ def test_data_lies_in_its_intervals_and_is_seeded():
 def test_gaussian_kl():
     mu, var = jnp.array([0.0, 1.5]), jnp.array([1.0, 0.3])
     np.testing.assert_allclose(r1d.gaussian_kl(mu, var, mu, var), 0.0, atol=1e-7)
-    np.testing.assert_allclose(r1d.gaussian_kl(jnp.array(0.0), jnp.array(1.0), jnp.array(1.0),
-                                               jnp.array(2.0)), 0.5 * math.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        r1d.gaussian_kl(jnp.array(0.0), jnp.array(1.0), jnp.array(1.0), jnp.array(2.0)),
+        0.5 * math.log(2.0),
+        rtol=1e-6,
+    )
 
 
 def test_forward_shapes():
@@ -71,8 +94,9 @@ def test_no_implicit_dtype_casts():
         data = r1d.make_data(cfg, key=jax.random.key(0))
         thetas = r1d.fit_ensemble(cfg, data, key=jax.random.key(1))  # [K, P]
         mu_0, var_0 = r1d.predictive(thetas, data["x_old"], cfg.noise_std)
-        grad = jax.grad(r1d.adapt_loss)(thetas, data["x_new"], data["y_new"], data["x_old"],
-                                        mu_0, var_0, cfg.kl_coeff, cfg.noise_std)
+        grad = jax.grad(r1d.adapt_loss)(
+            thetas, data["x_new"], data["y_new"], data["x_old"], mu_0, var_0, cfg.kl_coeff, cfg.noise_std
+        )
     assert thetas.shape == grad.shape == (cfg.particles, r1d.N_PARAMS)
     assert thetas.dtype == grad.dtype == jnp.float32 and bool(jnp.isfinite(grad).all())
 
@@ -80,10 +104,10 @@ def test_no_implicit_dtype_casts():
 def test_ensemble_fits_old_points_and_kl_prevents_forgetting(small_run):
     _, results = small_run
     old, new = results["rmse"]["old"], results["rmse"]["new"]
-    assert old["before"] < 0.08                     # noise std 0.05: a near-perfect fit
-    assert new["before"] > 0.3                      # the new region is not learned yet
-    assert old["new_only"] > 3 * old["before"]      # new points alone: forgetting
-    assert old["with_kl"] < 1.3 * old["before"]     # KL on old inputs: kept
+    assert old["before"] < 0.08  # noise std 0.05: a near-perfect fit
+    assert new["before"] > 0.3  # the new region is not learned yet
+    assert old["new_only"] > 3 * old["before"]  # new points alone: forgetting
+    assert old["with_kl"] < 1.3 * old["before"]  # KL on old inputs: kept
     assert new["new_only"] < 0.1 and new["with_kl"] < 0.1  # both fit the new region
     assert abs(new["new_only"] - new["with_kl"]) < 0.02
 
@@ -133,11 +157,14 @@ def test_shipped_parameter_files_load(scale):
 
 
 def test_notebook_runs_with_tiny_parameters(tmp_path):
-    from forgetting_lib import notebooks
+    from forgetting_lib.experiments import notebooks
 
-    out = notebooks.run_notebook(ROOT / "notebooks" / "figures" / "1d_regression.ipynb",
-                                 {"config": TINY, "out_dir": str(tmp_path / "run"),
-                                  "figures_dir": str(tmp_path / "figures")}, tmp_path, cwd=ROOT)
+    out = notebooks.run_notebook(
+        ROOT / "notebooks" / "figures" / "1d_regression.ipynb",
+        {"config": TINY, "out_dir": str(tmp_path / "run"), "figures_dir": str(tmp_path / "figures")},
+        tmp_path,
+        cwd=ROOT,
+    )
     assert out.is_file()
     assert json.loads((tmp_path / "run" / r1d.RESULTS).read_text())["config"]["chains"] == 2
     assert (tmp_path / "figures" / "1d_regression.html").is_file()

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetting_lib import sampling
 from forgetting_lib.config import ModelConfig
-from forgetting_lib.model import abstract_params, make_forward
-from forgetting_lib.sampling import make_sampler, sample_from_id
+from forgetting_lib.engine import sampling
+from forgetting_lib.engine.model import abstract_params, make_forward
+from forgetting_lib.engine.sampling import make_sampler, sample_from_id
 
 CFG = ModelConfig(D=32, L=2, H=16, V=64, dtype="float32")
 
@@ -29,8 +29,7 @@ def model():
     distributions are far from uniform. Drawn with numpy (jitting the init costs ~3 s here)."""
     graphdef, shapes = abstract_params(CFG)
     rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 3 * CFG.D**-0.5, s.shape), s.dtype),
-                          shapes)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 3 * CFG.D**-0.5, s.shape), s.dtype), shapes)
     return graphdef, params
 
 
@@ -93,8 +92,7 @@ def test_stop_at_eos_pads_after_first_eos(model, free):
     x = jnp.where(prompt(64, 1, seed=7) == eos, eos + 1, prompt(64, 1, seed=7))  # no EOS prompts
     key = jax.random.key(11)
     rows = np.asarray(free(params, x, key))
-    stopped = np.asarray(make_sampler(graphdef, length=length, eos_id=eos, stop_at_eos=True)(
-        params, x, key))
+    stopped = np.asarray(make_sampler(graphdef, length=length, eos_id=eos, stop_at_eos=True)(params, x, key))
     is_eos = rows == eos
     first = np.where(is_eos.any(1), is_eos.argmax(1), length)  # [B]
     assert 0 < (first < length - 1).sum() < len(first)  # some rows stop mid-row, some never
@@ -129,8 +127,8 @@ def test_traced_once_per_shape(model, monkeypatch):
     traced = len(calls)
     assert traced > 0
     for seed in range(1, 4):  # new prompts, keys and parameter values; same shapes
-        sample(jax.tree.map(lambda x: x + 0.01 * seed, params), prompt(3, 2, seed),
-               jax.random.key(seed))
+        shifted = jax.tree.map(lambda x, s=seed: x + 0.01 * s, params)
+        sample(shifted, prompt(3, 2, seed), jax.random.key(seed))
     assert len(calls) == traced
 
 

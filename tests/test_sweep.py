@@ -12,51 +12,76 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgetting_lib import runs, sweep
+from forgetting_lib import runs
 from forgetting_lib.__main__ import main as cli_main
-from forgetting_lib.sweep import SweepError
+from forgetting_lib.experiments import sweep
+from forgetting_lib.experiments.sweep import SweepError
 
 from tokenfiles import write_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T, B = 64, 16, 4
 
-PRETRAIN = {"model": {"D": 32, "L": 1, "H": 16, "V": V, "dtype": "float32"},
-            "data": {"T": T, "batch_size": B, "valid_tokens": 8 * T, "microbatch_rows": B},
-            "opt": {"lr": 3e-3, "warmup_tokens": 0},
-            "stop": {"num_tokens_train": 6 * B * T},
-            "log": {"every_tokens": 3 * B * T, "progress": False}}
-FINETUNE = {"data": {"T": T, "batch_size": B, "valid_tokens": 8 * T, "microbatch_rows": B},
-            "opt": {"lr": 3e-3, "warmup_tokens": 0},
-            "reg": {"coeff": 1.0, "replay_batch_size": 2, "buffer": 2},
-            "stop": {"num_tokens_train": 4 * B * T},
-            "log": {"every_tokens": 2 * B * T, "progress": False}}
+PRETRAIN = {
+    "model": {"D": 32, "L": 1, "H": 16, "V": V, "dtype": "float32"},
+    "data": {"T": T, "batch_size": B, "valid_tokens": 8 * T, "microbatch_rows": B},
+    "opt": {"lr": 3e-3, "warmup_tokens": 0},
+    "stop": {"num_tokens_train": 6 * B * T},
+    "log": {"every_tokens": 3 * B * T, "progress": False},
+}
+FINETUNE = {
+    "data": {"T": T, "batch_size": B, "valid_tokens": 8 * T, "microbatch_rows": B},
+    "opt": {"lr": 3e-3, "warmup_tokens": 0},
+    "reg": {"coeff": 1.0, "replay_batch_size": 2, "buffer": 2},
+    "stop": {"num_tokens_train": 4 * B * T},
+    "log": {"every_tokens": 2 * B * T, "progress": False},
+}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sweep_data")
-    return {"old": write_token_file(root / "old.bin", 4000, vocab_size=V, dataset_token=1, seed=0),
-            "new": write_token_file(root / "new.bin", 4000, vocab_size=V, dataset_token=2, seed=1)}
+    return {
+        "old": write_token_file(root / "old.bin", 4000, vocab_size=V, dataset_token=1, seed=0),
+        "new": write_token_file(root / "new.bin", 4000, vocab_size=V, dataset_token=2, seed=1),
+    }
 
 
 def two_stage(out: Path, data: dict[str, Path], *, methods: dict | None = None) -> dict:
-    return {"out": str(out), "stages": {
-        "pretrain": {"base": PRETRAIN, "set": {"data.path": str(data["old"])},
-                     "grid": {"opt.lr": [1e-3, 3e-3]}},
-        "finetune": {"base": FINETUNE, "after": "pretrain", "set": {"data.path": str(data["new"])},
-                     "grid": {"method": methods or {"plain": {"reg.method": "none"},
-                                                    "kl_self": {"reg.method": "kl_pre", "reg.synth": True}}}}}}
+    return {
+        "out": str(out),
+        "stages": {
+            "pretrain": {
+                "base": PRETRAIN,
+                "set": {"data.path": str(data["old"])},
+                "grid": {"opt.lr": [1e-3, 3e-3]},
+            },
+            "finetune": {
+                "base": FINETUNE,
+                "after": "pretrain",
+                "set": {"data.path": str(data["new"])},
+                "grid": {
+                    "method": methods
+                    or {
+                        "plain": {"reg.method": "none"},
+                        "kl_self": {"reg.method": "kl_pre", "reg.synth": True},
+                    }
+                },
+            },
+        },
+    }
 
 
 def test_points_have_stable_readable_ids_and_parents(tmp_path, data):
     points = sweep.plan(two_stage(tmp_path, data))
     assert [(p.stage, p.id, p.parent) for p in points] == [
-        ("pretrain", "lr=0.001", None), ("pretrain", "lr=0.003", None),
+        ("pretrain", "lr=0.001", None),
+        ("pretrain", "lr=0.003", None),
         ("finetune", "lr=0.001__method=plain", "lr=0.001"),
         ("finetune", "lr=0.001__method=kl_self", "lr=0.001"),
         ("finetune", "lr=0.003__method=plain", "lr=0.003"),
-        ("finetune", "lr=0.003__method=kl_self", "lr=0.003")]
+        ("finetune", "lr=0.003__method=kl_self", "lr=0.003"),
+    ]
     assert points == sweep.plan(two_stage(tmp_path, data))  # same spec, same points
     ft = points[3]
     assert ft.out_dir == tmp_path / "finetune" / "lr=0.001__method=kl_self"
@@ -77,32 +102,49 @@ def test_single_stage_spec_and_figure_file_wrapper(tmp_path, data):
     assert [p.id for p in sweep.plan(path)] == ["lr=0.001__D=16", "lr=0.001__D=32"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"stages": {}}, "`out`"),
-    ({"out": "o", "stages": {"a": {"set": {}}}}, "needs `base`"),
-    ({"out": "o", "stages": {"a": {"base": {}, "gird": {}}}}, "gird"),
-    ({"out": "o", "stages": {"a": {"base": {}, "grid": {"lr": [1, 2]}}}}, "dotted config key"),
-    ({"out": "o", "stages": {"a": {"base": {}, "grid": {"opt.lr": []}}}}, "non-empty"),
-    ({"out": "o", "stages": {"a": {"base": {}, "after": "b"}}}, "not a stage"),
-    ({"out": "o", "stages": {"a": {"base": {}, "after": "b"}, "b": {"base": {}, "after": "a"}}}, "cycle"),
-    ({"out": "o", "stagse": {}}, "stagse"),
-    ({"out": "o", "set": {"opt.lr": 0.5}, "stages": {"a": {"base": {}}}}, "would be ignored"),
-    ({"out": "o", "stages": {"a": {"base": {}, "grid": {"method": {"plain": "none"}}}}}, "must map to dotted"),
-    ({"out": "o", "base": {}, "grid": {"opt.lr": [1e-3, 0.001]}}, "share the folder"),
-    ({"out": "o", "base": {}, "grid": {"m": {"kl/self": {}, "kl self": {}}}}, "share the folder"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"stages": {}}, "`out`"),
+        ({"out": "o", "stages": {"a": {"set": {}}}}, "needs `base`"),
+        ({"out": "o", "stages": {"a": {"base": {}, "gird": {}}}}, "gird"),
+        ({"out": "o", "stages": {"a": {"base": {}, "grid": {"lr": [1, 2]}}}}, "dotted config key"),
+        ({"out": "o", "stages": {"a": {"base": {}, "grid": {"opt.lr": []}}}}, "non-empty"),
+        ({"out": "o", "stages": {"a": {"base": {}, "after": "b"}}}, "not a stage"),
+        ({"out": "o", "stages": {"a": {"base": {}, "after": "b"}, "b": {"base": {}, "after": "a"}}}, "cycle"),
+        ({"out": "o", "stagse": {}}, "stagse"),
+        ({"out": "o", "set": {"opt.lr": 0.5}, "stages": {"a": {"base": {}}}}, "would be ignored"),
+        (
+            {"out": "o", "stages": {"a": {"base": {}, "grid": {"method": {"plain": "none"}}}}},
+            "must map to dotted",
+        ),
+        ({"out": "o", "base": {}, "grid": {"opt.lr": [1e-3, 0.001]}}, "share the folder"),
+        ({"out": "o", "base": {}, "grid": {"m": {"kl/self": {}, "kl self": {}}}}, "share the folder"),
+    ],
+)
 def test_bad_specs_are_rejected_with_the_key(spec, message):
     with pytest.raises(SweepError, match=message):
         sweep.plan(spec)
 
 
 def test_axes_sharing_a_short_name_keep_their_full_keys_and_floats_keep_every_digit(tmp_path):
-    spec = {"out": str(tmp_path), "base": PRETRAIN,
-            "grid": {"data.valid_tokens": [128, 256], "mix.valid_tokens": [64], "opt.lr": [1.0000001e-3, 1.0000002e-3]}}
+    spec = {
+        "out": str(tmp_path),
+        "base": PRETRAIN,
+        "grid": {
+            "data.valid_tokens": [128, 256],
+            "mix.valid_tokens": [64],
+            "opt.lr": [1.0000001e-3, 1.0000002e-3],
+        },
+    }
     points = sweep.plan(spec)
     assert points[0].id == "data.valid_tokens=128__mix.valid_tokens=64__lr=0.0010000001"
     assert len({p.out_dir for p in points}) == 4
-    assert dict(points[3].labels) == {"data.valid_tokens": "256", "mix.valid_tokens": "64", "lr": "0.0010000002"}
+    assert dict(points[3].labels) == {
+        "data.valid_tokens": "256",
+        "mix.valid_tokens": "64",
+        "lr": "0.0010000002",
+    }
 
 
 def test_a_typo_in_a_point_config_fails_before_any_training(tmp_path, data):
@@ -145,7 +187,10 @@ def test_a_failed_point_is_recorded_blocks_its_children_and_is_retried(tmp_path,
     assert table.loc[f"{good}__method=plain", "status"] == "finished"
     write_token_file(missing, 4000, vocab_size=V, dataset_token=1, seed=2)  # fix the input
     retried = sweep.run_sweep(spec, notebook=False, log=lambda _: None).set_index("point")
-    assert retried.loc[bad, "status"] == "finished" and retried.loc[f"{bad}__method=plain", "status"] == "finished"
+    assert (
+        retried.loc[bad, "status"] == "finished"
+        and retried.loc[f"{bad}__method=plain", "status"] == "finished"
+    )
     assert not (tmp_path / "pretrain" / bad / "error.txt").exists()
 
 
@@ -157,7 +202,9 @@ def test_a_changed_spec_does_not_silently_reuse_a_finished_point_or_its_children
     spec["stages"]["pretrain"]["set"]["opt.warmup_tokens"] = 64  # the parent's config changes
     table = sweep.run_sweep(spec, notebook=False, log=lambda _: None).set_index("stage")
     assert table.loc["pretrain", "status"] == "failed"
-    assert "opt.warmup_tokens" in table.loc["pretrain", "error"] and "delete" in table.loc["pretrain", "error"]
+    assert (
+        "opt.warmup_tokens" in table.loc["pretrain", "error"] and "delete" in table.loc["pretrain", "error"]
+    )
     assert table.loc["finetune", "status"] == "blocked"  # not run (or reported) on the stale parent
     only_children = sweep.run_sweep(spec, notebook=False, stages=["finetune"], log=lambda _: None)
     assert list(only_children["status"]) == ["blocked"]
@@ -171,14 +218,24 @@ def test_a_changed_spec_does_not_silently_reuse_a_finished_point_or_its_children
 def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, data):
     """SIGKILL the sweep CLI while its second point trains (after that point's first checkpoint):
     rerunning the spec keeps the first point, resumes the second from its checkpoint."""
-    long = {**PRETRAIN, "stop": {"num_tokens_train": 300 * B * T},
-            "log": {"every_tokens": 20 * B * T, "checkpoint_every_tokens": 20 * B * T, "progress": False}}
-    spec = {"out": str(tmp_path), "base": long, "set": {"data.path": str(data["old"])},
-            "grid": {"run.seed": [0, 1]}}
+    long = {
+        **PRETRAIN,
+        "stop": {"num_tokens_train": 300 * B * T},
+        "log": {"every_tokens": 20 * B * T, "checkpoint_every_tokens": 20 * B * T, "progress": False},
+    }
+    spec = {
+        "out": str(tmp_path),
+        "base": long,
+        "set": {"data.path": str(data["old"])},
+        "grid": {"run.seed": [0, 1]},
+    }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     second = tmp_path / "runs" / "seed=1"
-    child = subprocess.Popen([sys.executable, "-m", "forgetting_lib", "sweep", str(tmp_path / "spec.yaml"),
-                              "--no-notebook"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "forgetting_lib", "sweep", str(tmp_path / "spec.yaml"), "--no-notebook"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (second / runs.CHECKPOINT / "meta.json").exists():
@@ -227,12 +284,20 @@ class LosingExecutor(InOrderExecutor):
             raise RuntimeError("job killed by the scheduler")
 
     def submit(self, fn, *args, **kwargs):
-        return self.Lost() if self.submitted == 0 and not setattr(self, "submitted", 1) else super().submit(fn, *args, **kwargs)
+        return (
+            self.Lost()
+            if self.submitted == 0 and not setattr(self, "submitted", 1)
+            else super().submit(fn, *args, **kwargs)
+        )
 
 
 def test_a_point_lost_by_the_executor_is_recorded_and_the_others_finish(tmp_path, data):
-    spec = {"out": str(tmp_path), "base": PRETRAIN, "set": {"data.path": str(data["old"])},
-            "grid": {"run.seed": [0, 1]}}
+    spec = {
+        "out": str(tmp_path),
+        "base": PRETRAIN,
+        "set": {"data.path": str(data["old"])},
+        "grid": {"run.seed": [0, 1]},
+    }
     table = sweep.run_sweep(spec, notebook=False, executor=LosingExecutor(), log=lambda _: None)
     assert list(table["status"]) == ["failed", "finished"]
     assert "job killed by the scheduler" in table.loc[0, "error"]
@@ -246,8 +311,13 @@ def test_ctrl_c_cancels_the_points_not_started(tmp_path, data, monkeypatch):
     def slow(point, *, notebook):
         started.append(point.id)
         time.sleep(1.0)
-        return {"stage": point.stage, "point": point.id, "out_dir": str(point.out_dir),
-                "status": "finished", "seconds": 1.0}
+        return {
+            "stage": point.stage,
+            "point": point.id,
+            "out_dir": str(point.out_dir),
+            "status": "finished",
+            "seconds": 1.0,
+        }
 
     monkeypatch.setattr(sweep, "run_point", slow)
     spec = {"out": str(tmp_path), "base": PRETRAIN, "grid": {"run.seed": list(range(8))}}
@@ -268,28 +338,42 @@ def test_an_unknown_stage_is_an_error(tmp_path, data):
 
 
 def test_points_can_run_on_any_executor_and_in_parallel_processes(tmp_path, data):
-    spec = {"out": str(tmp_path / "a"), "base": PRETRAIN, "set": {"data.path": str(data["old"])},
-            "grid": {"run.seed": [0, 1]}}
+    spec = {
+        "out": str(tmp_path / "a"),
+        "base": PRETRAIN,
+        "set": {"data.path": str(data["old"])},
+        "grid": {"run.seed": [0, 1]},
+    }
     executor = InOrderExecutor()
-    assert set(sweep.run_sweep(spec, notebook=False, executor=executor, log=lambda _: None)["status"]) == {"finished"}
+    assert set(sweep.run_sweep(spec, notebook=False, executor=executor, log=lambda _: None)["status"]) == {
+        "finished"
+    }
     assert executor.submitted == 2
     spec["out"] = str(tmp_path / "b")
     table = sweep.run_sweep(spec, notebook=False, workers=2, log=lambda _: None)
     assert set(table["status"]) == {"finished"}
     a, b = (runs.load_runs(tmp_path / x) for x in "ab")  # same points, same results, any executor
     assert a.set_index(["run", "step"])["valid_ntp"].to_dict() == pytest.approx(
-        b.set_index(["run", "step"])["valid_ntp"].to_dict(), rel=1e-5)
+        b.set_index(["run", "step"])["valid_ntp"].to_dict(), rel=1e-5
+    )
 
 
 def test_notebook_mode_keeps_the_executed_notebook_as_the_points_log(tmp_path, data):
-    spec = {"out": str(tmp_path), "base": PRETRAIN, "set": {"data.path": str(data["old"])},
-            "grid": {"run.seed": [0, 1]}}
+    spec = {
+        "out": str(tmp_path),
+        "base": PRETRAIN,
+        "set": {"data.path": str(data["old"])},
+        "grid": {"run.seed": [0, 1]},
+    }
     table = sweep.run_sweep(spec, workers=2, log=lambda _: None)  # two kernels at once
     assert list(table["status"]) == ["finished", "finished"]
     executed = tmp_path / "runs" / "seed=0" / "train_run.ipynb"
     outputs = json.dumps([c.get("outputs") for c in json.loads(executed.read_text())["cells"]])
     assert "num_tokens_train" in outputs and "valid_ntp" in outputs  # the summary and the curves
-    assert runs.is_finished(tmp_path / "runs" / "seed=1") and (tmp_path / "runs" / "seed=1" / "train_run.ipynb").is_file()
+    assert (
+        runs.is_finished(tmp_path / "runs" / "seed=1")
+        and (tmp_path / "runs" / "seed=1" / "train_run.ipynb").is_file()
+    )
 
 
 def test_cli_dry_run_lists_points_and_a_failure_exits_nonzero(tmp_path, data, capsys):
@@ -299,8 +383,11 @@ def test_cli_dry_run_lists_points_and_a_failure_exits_nonzero(tmp_path, data, ca
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6 and lines[0].startswith("pretrain/lr=0.001 -> ")
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"out": str(tmp_path / "bad"), "base": PRETRAIN,
-                                   "set": {"data.path": str(tmp_path / "nope.bin")}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {"out": str(tmp_path / "bad"), "base": PRETRAIN, "set": {"data.path": str(tmp_path / "nope.bin")}}
+        )
+    )
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["sweep", str(bad), "--no-notebook"])
     assert exit_info.value.code == 1

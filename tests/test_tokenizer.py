@@ -6,11 +6,9 @@ import json
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from forgetting_lib.tokenizer import (CARD_FILE, MODEL_FILE, Tokenizer, TokenizerError,
-                                      train_tokenizer)
+from forgetting_lib.prep.tokenizer import CARD_FILE, MODEL_FILE, Tokenizer, TokenizerError, train_tokenizer
 
 # Everything except lone surrogates (not valid Unicode; Python cannot UTF-8 encode them) and
 # U+2581 "▁", SentencePiece's internal space, which decodes as " " (see tokenizer.py).
@@ -101,8 +99,9 @@ def test_training_refuses_to_replace_other_folders(small_corpus_dir, tmp_path):
 
 # --- helpers the notebooks call ---------------------------------------------------------------
 
+
 def test_pieces_and_decode_rows(small_tokenizer):
-    from forgetting_lib.tokenizer import EOS_ID
+    from forgetting_lib.prep.tokenizer import EOS_ID
 
     text = "The quick brown fox"
     pieces = small_tokenizer.pieces(text)
@@ -113,7 +112,7 @@ def test_pieces_and_decode_rows(small_tokenizer):
 
 
 def test_train_or_load_reuses_only_matching_settings(small_corpus_dir, tmp_path):
-    from forgetting_lib.tokenizer import train_or_load
+    from forgetting_lib.prep.tokenizer import train_or_load
 
     corpora = [f"files:{small_corpus_dir}/*.txt"]
     first = train_or_load(corpora, tmp_path / "tok", vocab_size=400, chars_per_corpus=10_000)
@@ -126,7 +125,7 @@ def test_train_or_load_reuses_only_matching_settings(small_corpus_dir, tmp_path)
 
 
 def test_compression_stats_count_words_chars_and_tokens(small_tokenizer, small_corpus_dir, small_docs):
-    from forgetting_lib.tokenizer import compression_stats
+    from forgetting_lib.prep.tokenizer import compression_stats
 
     [row] = compression_stats(small_tokenizer, {"small": f"files:{small_corpus_dir}/*.txt"}, max_documents=2)
     docs = small_docs[:2]

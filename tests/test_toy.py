@@ -12,12 +12,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from forgetting_lib import config as config_lib, runs, toy, toy_train
+from forgetting_lib import config as config_lib, runs
+from forgetting_lib.figures.toy_continual import tasks as toy, train as toy_train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"tasks": ["add", "sort"], "steps_per_task": 4, "batch_size": 8, "eval_every_steps": 2,
-        "eval_problems": 16, "progress": False, "model": {"D": 32, "L": 1, "H": 8},
-        "reg": {"coeff": 1.0, "replay_batch_size": 4, "buffer": 2}}
+TINY = {
+    "tasks": ["add", "sort"],
+    "steps_per_task": 4,
+    "batch_size": 8,
+    "eval_every_steps": 2,
+    "eval_problems": 16,
+    "progress": False,
+    "model": {"D": 32, "L": 1, "H": 8},
+    "reg": {"coeff": 1.0, "replay_batch_size": 4, "buffer": 2},
+}
 
 
 @pytest.mark.parametrize("task", list(toy.TASKS))
@@ -30,7 +38,7 @@ def test_generated_answers_match_python_arithmetic(task):
         assert name == task and answer == toy.reference_answer(task, a, b)
         end = toy.PROMPT + len(answer)
         assert row[toy.PROMPT - 1] == toy.EQ and row[end] == toy.EOS
-        assert (row[end + 1:] == toy.PAD).all()
+        assert (row[end + 1 :] == toy.PAD).all()
     ops = {toy.parse_row(r)[1] for r in rows}
     assert len(ops) > 800 and min(ops) < 50 and max(ops) > 950  # operands cover 000..999
 
@@ -56,8 +64,9 @@ def _oracle(sets: jax.Array, shuffle: bool):
     answers = flat[np.random.default_rng(0).permutation(len(flat))] if shuffle else flat
 
     def decode(prompts):
-        assert jnp.array_equal(prompts, flat[:, :toy.PROMPT])
-        return jnp.concatenate([prompts, answers[:, toy.PROMPT:]], axis=1)
+        assert jnp.array_equal(prompts, flat[:, : toy.PROMPT])
+        return jnp.concatenate([prompts, answers[:, toy.PROMPT :]], axis=1)
+
     return decode
 
 
@@ -76,9 +85,7 @@ def test_evaluator_ignores_tokens_after_eos_and_requires_eos():
     assert not toy.exact_match(rows, lambda p: missing_eos).any()
 
 
-ACC = np.array([[1.0, 0.0, 0.0],
-                [0.5, 0.9, 0.0],
-                [0.2, 0.6, 0.8]])
+ACC = np.array([[1.0, 0.0, 0.0], [0.5, 0.9, 0.0], [0.2, 0.6, 0.8]])
 
 
 def test_cl_metrics_on_a_hand_made_matrix():
@@ -93,9 +100,15 @@ def test_cl_metrics_on_a_hand_made_matrix():
 
 
 def test_accuracy_matrix_takes_each_stage_last_evaluation():
-    rows = [(0, 0, 0.0, 0.0, 0.0), (5, 0, 0.7, 0.1, 0.0), (10, 0, 1.0, 0.0, 0.0),
-            (15, 1, 0.4, 0.5, 0.0), (20, 1, 0.2, 0.9, 0.1), (25, 2, 0.1, 0.3, 0.5),
-            (30, 2, 0.2, 0.6, 0.8)]
+    rows = [
+        (0, 0, 0.0, 0.0, 0.0),
+        (5, 0, 0.7, 0.1, 0.0),
+        (10, 0, 1.0, 0.0, 0.0),
+        (15, 1, 0.4, 0.5, 0.0),
+        (20, 1, 0.2, 0.9, 0.1),
+        (25, 2, 0.1, 0.3, 0.5),
+        (30, 2, 0.2, 0.6, 0.8),
+    ]
     df = pd.DataFrame(rows, columns=["step", "stage", "acc_a", "acc_b", "acc_c"])
     df = df.sample(frac=1, random_state=0)  # row order must not matter
     m = toy.accuracy_matrix(df, ["a", "b", "c"])
@@ -109,8 +122,7 @@ def test_replay_buffer_cycles_bos_tokens_and_uses_each_row_once():
         fill = jax.random.randint(key, (n, toy.T - 1), 0, 10**6)
         return jnp.concatenate([prompt, fill], axis=1)
 
-    buf = toy_train.ReplayBuffer(fake_sampler, None, ("add", "sort"), rows=4, buffer=3,
-                                 key=jax.random.key(0))
+    buf = toy_train.ReplayBuffer(fake_sampler, None, ("add", "sort"), rows=4, buffer=3, key=jax.random.key(0))
     batches = [np.asarray(buf.batch(s)) for s in range(6)]
     assert all(set(b[:, 0]) == {toy.TASKS["add"].bos, toy.TASKS["sort"].bos} for b in batches)
     bodies = {tuple(r[1:]) for b in batches for r in b}
@@ -144,24 +156,27 @@ def test_tiny_sequential_run_with_replay(tmp_path):
         config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
         assert config["tasks"] == ["add", "sort"]
     df = runs.load_runs(tmp_path)
-    assert set(df["run"]) == {"no_replay", "replay"}
+    assert set(df["run"]) == {"standard", "ntp_self"}
     assert len(df) == 2 * (1 + 2 * 2)  # initial evaluation + two per task
-    replay = df[df["run"] == "replay"]
+    replay = df[df["run"] == "ntp_self"]
     assert (replay[replay["stage"] == 1]["train_reg"] > 0).all()
-    assert (df[df["run"] == "no_replay"]["train_reg"].fillna(0) == 0).all()
+    assert (df[df["run"] == "standard"]["train_reg"].fillna(0) == 0).all()
     assert replay["sample_time_s"].iloc[-1] > 0
     # a finished run with the same config is reused, not retrained
-    before = (tmp_path / "replay" / runs.METRICS).read_text()
+    before = (tmp_path / "ntp_self" / runs.METRICS).read_text()
     toy_train.compare_replay(TINY, tmp_path)
-    assert (tmp_path / "replay" / runs.METRICS).read_text() == before
+    assert (tmp_path / "ntp_self" / runs.METRICS).read_text() == before
 
 
 def test_notebook_runs_with_tiny_parameters(tmp_path):
-    from forgetting_lib import notebooks
+    from forgetting_lib.experiments import notebooks
 
-    out = notebooks.run_notebook(ROOT / "notebooks" / "figures" / "toy_continual.ipynb",
-                                 {"config": TINY, "out_dir": str(tmp_path / "runs")}, tmp_path,
-                                 cwd=ROOT)
+    out = notebooks.run_notebook(
+        ROOT / "notebooks" / "figures" / "toy_continual.ipynb",
+        {"config": TINY, "out_dir": str(tmp_path / "runs")},
+        tmp_path,
+        cwd=ROOT,
+    )
     assert out.is_file()
-    assert runs.is_finished(tmp_path / "runs" / "replay")
-    assert runs.is_finished(tmp_path / "runs" / "no_replay")
+    assert runs.is_finished(tmp_path / "runs" / "ntp_self")
+    assert runs.is_finished(tmp_path / "runs" / "standard")

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tokenfiles import write_token_file
 
-from forgetting_lib import checkpoint, config, model, runs, train
-from forgetting_lib import data as data_lib
-from forgetting_lib import step as step_lib
+from forgetting_lib import config, runs
+from forgetting_lib.engine import checkpoint, data as data_lib, model, step as step_lib, train
 from forgetting_lib.runs import RunFolderError
+
+from tokenfiles import write_token_file
 
 T, B, V = 16, 8, 64
 TOKENS_PER_STEP = B * T
@@ -44,13 +44,21 @@ def files(tmp_path_factory):
 def make_cfg(files, **overrides) -> config.Config:
     base = {
         "run": {"seed": 0},
-        "data": {"path": str(files["main"]), "T": T, "batch_size": B, "valid_tokens": N_VALID * T,
-                 "eval_batch_size": 8},
+        "data": {
+            "path": str(files["main"]),
+            "T": T,
+            "batch_size": B,
+            "valid_tokens": N_VALID * T,
+            "eval_batch_size": 8,
+        },
         "model": {"D": 32, "L": 1, "H": 16, "V": V, "dtype": "float32"},
         "opt": {"lr": 1e-2, "warmup_tokens": 0},
         "stop": {"num_tokens_train": 100 * TOKENS_PER_STEP - 100},  # ceil -> 100 steps
-        "log": {"every_tokens": 10 * TOKENS_PER_STEP, "checkpoint_every_tokens": 20 * TOKENS_PER_STEP,
-                "progress": False},
+        "log": {
+            "every_tokens": 10 * TOKENS_PER_STEP,
+            "checkpoint_every_tokens": 20 * TOKENS_PER_STEP,
+            "progress": False,
+        },
     }
     return config.load(base, list(overrides.items()))
 
@@ -96,7 +104,9 @@ def test_metrics_and_summary_files(base_run):
     assert times == sorted(times) and times[0] == 0
     summary = runs.read_summary(out)
     assert summary["status"] == "finished" and summary["stop_reason"] == "num_tokens_train"
-    assert summary["step"] == result.step == 100 and summary["tokens"] == result.tokens == 100 * TOKENS_PER_STEP
+    assert (
+        summary["step"] == result.step == 100 and summary["tokens"] == result.tokens == 100 * TOKENS_PER_STEP
+    )
     assert summary["final"] == rows[-1] == result.final
     assert summary["num_params"] == model.param_formula(cfg.model)
     assert summary["best_valid_ntp"] == min(r["valid_ntp"] for r in rows[1:])
@@ -111,8 +121,9 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(base_run, f
     cfg, out, _ = base_run
     train.train_and_evaluate(cfg, tmp_path / "again")
     assert losses_only(runs.read_metrics(tmp_path / "again")) == losses_only(runs.read_metrics(out))
-    train.train_and_evaluate(cfg.replace({"run.seed": 1, "stop.num_tokens_train": 10 * TOKENS_PER_STEP}),
-                             tmp_path / "other")
+    train.train_and_evaluate(
+        cfg.replace({"run.seed": 1, "stop.num_tokens_train": 10 * TOKENS_PER_STEP}), tmp_path / "other"
+    )
     other = runs.read_metrics(tmp_path / "other")
     assert other[0]["valid_ntp"] != runs.read_metrics(out)[0]["valid_ntp"]  # another init
 
@@ -124,7 +135,11 @@ def test_finished_run_folder_is_refused_without_resume_or_overwrite(base_run, tm
         train.train_and_evaluate(cfg, out)
     again = train.train_and_evaluate(cfg, out, resume=True)  # nothing to do: returned as is
     assert (again.status, again.stop_reason, again.step, again.final) == (
-        "finished", "num_tokens_train", 100, result.final)
+        "finished",
+        "num_tokens_train",
+        100,
+        result.final,
+    )
     assert (out / runs.METRICS).read_text() == before
     with pytest.raises(RunFolderError, match=r"different config \(opt\.lr differ"):
         train.train_and_evaluate(cfg.replace({"opt.lr": 2e-2}), out, resume=True)
@@ -143,11 +158,14 @@ def test_overwrite_starts_again(base_run, tmp_path):
     assert losses_only(runs.read_metrics(copy)) == losses_only(runs.read_metrics(out)[:2])
 
 
-@pytest.mark.parametrize("rule, value, steps", [
-    ("num_tokens_train", 25 * TOKENS_PER_STEP + 5, 26),                    # ceil(tokens / (B T))
-    ("tokens_per_param", 0.1, math.ceil(0.1 * (12 * 32**2 + 32 * V) / TOKENS_PER_STEP)),  # paper N
-    ("num_epochs", 0.5, math.ceil(0.5 * (N_ROWS - N_VALID) / B)),
-])
+@pytest.mark.parametrize(
+    "rule, value, steps",
+    [
+        ("num_tokens_train", 25 * TOKENS_PER_STEP + 5, 26),  # ceil(tokens / (B T))
+        ("tokens_per_param", 0.1, math.ceil(0.1 * (12 * 32**2 + 32 * V) / TOKENS_PER_STEP)),  # paper N
+        ("num_epochs", 0.5, math.ceil(0.5 * (N_ROWS - N_VALID) / B)),
+    ],
+)
 def test_length_rules_stop_at_the_exact_step(files, tmp_path, rule, value, steps):
     cfg = make_cfg(files, **{"stop.num_tokens_train": None, f"stop.{rule}": value})
     result = train.train_and_evaluate(cfg, tmp_path / rule)
@@ -161,8 +179,14 @@ def test_length_rules_stop_at_the_exact_step(files, tmp_path, rule, value, steps
 
 
 def test_target_loss_stops_at_the_first_eval_below_it(files, tmp_path):
-    cfg = make_cfg(files, **{"stop.num_tokens_train": 2000 * TOKENS_PER_STEP, "stop.target_loss": 1.0,
-                             "log.every_tokens": 5 * TOKENS_PER_STEP})
+    cfg = make_cfg(
+        files,
+        **{
+            "stop.num_tokens_train": 2000 * TOKENS_PER_STEP,
+            "stop.target_loss": 1.0,
+            "log.every_tokens": 5 * TOKENS_PER_STEP,
+        },
+    )
     result = train.train_and_evaluate(cfg, tmp_path / "target")
     rows = runs.read_metrics(tmp_path / "target")
     assert result.stop_reason == "target_loss" and result.status == "finished"
@@ -172,8 +196,14 @@ def test_target_loss_stops_at_the_first_eval_below_it(files, tmp_path):
 
 def test_train_time_budget_stops_the_run(files, tmp_path):
     budget = 0.3
-    cfg = make_cfg(files, **{"stop.num_tokens_train": None, "stop.train_time_s": budget,
-                             "log.every_tokens": 10**6 * TOKENS_PER_STEP})
+    cfg = make_cfg(
+        files,
+        **{
+            "stop.num_tokens_train": None,
+            "stop.train_time_s": budget,
+            "log.every_tokens": 10**6 * TOKENS_PER_STEP,
+        },
+    )
     result = train.train_and_evaluate(cfg, tmp_path / "time")
     rows = runs.read_metrics(tmp_path / "time")
     summary = runs.read_summary(tmp_path / "time")
@@ -186,15 +216,22 @@ def test_train_time_budget_stops_the_run(files, tmp_path):
 def test_patience_stops_after_evals_without_improvement(files, tmp_path):
     # lr=1e-9 leaves float32 weights (almost) unchanged: the validation loss stops improving
     patience = 2
-    cfg = make_cfg(files, **{"opt.lr": 1e-9, "stop.num_tokens_train": 100 * TOKENS_PER_STEP,
-                             "stop.patience": patience, "log.every_tokens": 2 * TOKENS_PER_STEP})
+    cfg = make_cfg(
+        files,
+        **{
+            "opt.lr": 1e-9,
+            "stop.num_tokens_train": 100 * TOKENS_PER_STEP,
+            "stop.patience": patience,
+            "log.every_tokens": 2 * TOKENS_PER_STEP,
+        },
+    )
     result = train.train_and_evaluate(cfg, tmp_path / "patience")
     assert result.stop_reason == "patience" and result.status == "finished"
     valid = [r["valid_ntp"] for r in runs.read_metrics(tmp_path / "patience")[1:]]  # after training
     assert len(valid) > patience and min(valid[-patience:]) >= min(valid[:-patience])
     # and it did not stop earlier: every earlier window of `patience` evals had an improvement
     for end in range(patience + 1, len(valid)):
-        assert min(valid[end - patience:end]) < min(valid[:end - patience])
+        assert min(valid[end - patience : end]) < min(valid[: end - patience])
 
 
 def test_diverging_run_fails_naming_the_step(files, tmp_path):
@@ -223,8 +260,10 @@ def poison_step_from(monkeypatch, bad_step: int) -> None:
             if count[0] >= bad_step:
                 stats = {**stats, "ntp": jnp.float32(np.nan)}
             return trainable, opt_state, stats
+
         setup.compiled["step"] = poisoned
         return seconds
+
     monkeypatch.setattr(train, "compile_all", compile_all)
 
 
@@ -244,9 +283,15 @@ def test_nan_after_a_checkpoint_keeps_it_loadable_and_resumable(base_run, monkey
 
 def test_warmup_is_linear_and_cosine_reaches_zero(files, tmp_path):
     peak, warmup, total = 1e-2, 10, 40
-    cfg = make_cfg(files, **{"opt.schedule": "cosine", "opt.warmup_tokens": warmup * TOKENS_PER_STEP,
-                             "stop.num_tokens_train": total * TOKENS_PER_STEP,
-                             "log.every_tokens": 2 * TOKENS_PER_STEP})
+    cfg = make_cfg(
+        files,
+        **{
+            "opt.schedule": "cosine",
+            "opt.warmup_tokens": warmup * TOKENS_PER_STEP,
+            "stop.num_tokens_train": total * TOKENS_PER_STEP,
+            "log.every_tokens": 2 * TOKENS_PER_STEP,
+        },
+    )
     train.train_and_evaluate(cfg, tmp_path / "cosine")
     rows = runs.read_metrics(tmp_path / "cosine")[1:]
     lr = {r["step"]: r["lr"] for r in rows}  # the lr of the row's last step (count = step - 1)
@@ -263,8 +308,15 @@ def test_warmup_is_linear_and_cosine_reaches_zero(files, tmp_path):
 
 
 def test_mixing_reports_mix_metrics_and_learns_both(files, tmp_path):
-    cfg = make_cfg(files, **{"mix.path": str(files["mix"]), "mix.fraction": 0.25,
-                             "mix.valid_tokens": 8 * T, "stop.num_tokens_train": 60 * TOKENS_PER_STEP})
+    cfg = make_cfg(
+        files,
+        **{
+            "mix.path": str(files["mix"]),
+            "mix.fraction": 0.25,
+            "mix.valid_tokens": 8 * T,
+            "stop.num_tokens_train": 60 * TOKENS_PER_STEP,
+        },
+    )
     result = train.train_and_evaluate(cfg, tmp_path / "mix")
     rows = runs.read_metrics(tmp_path / "mix")
     assert all("mix_ntp" in r and "mix_ntp_h2" in r for r in rows)
@@ -286,12 +338,13 @@ def test_auto_microbatches_terminates_for_small_batches():
 
     def timeout(*_):
         raise TimeoutError("auto_microbatches did not return within 2 s")
+
     previous = signal.signal(signal.SIGALRM, timeout)
     signal.setitimer(signal.ITIMER_REAL, 2.0)
     try:
-        assert step_lib.auto_microbatches(64, 16) == 2     # 32 rows of 16 tokens per slice
+        assert step_lib.auto_microbatches(64, 16) == 2  # 32 rows of 16 tokens per slice
         assert step_lib.auto_microbatches(8, 128, rows=4) == 2
-        count = step_lib.auto_microbatches(B, T)          # 512 tokens need 32 rows > B = 8
+        count = step_lib.auto_microbatches(B, T)  # 512 tokens need 32 rows > B = 8
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -310,6 +363,7 @@ def test_microbatching_gives_the_same_training(base_run, files, tmp_path):
 
 # ---------------------------------------------------------------- resuming after interruption
 
+
 def test_resume_after_the_final_checkpoint_but_before_the_summary(base_run, tmp_path):
     """Killed between the final checkpoint and summary.json: resuming must not add a row."""
     cfg, out, _ = base_run
@@ -319,7 +373,6 @@ def test_resume_after_the_final_checkpoint_but_before_the_summary(base_run, tmp_
     result = train.train_and_evaluate(cfg, copy, resume=True)
     assert result.status == "finished" and result.step == 100
     assert losses_only(runs.read_metrics(copy)) == losses_only(runs.read_metrics(out))
-
 
 
 def test_resume_before_the_first_checkpoint_starts_over(base_run, tmp_path):
@@ -336,7 +389,9 @@ def test_resume_before_the_first_checkpoint_starts_over(base_run, tmp_path):
 
 CHILD = """
 import os, signal, sys, time
-from forgetting_lib import checkpoint, config, train
+from forgetting_lib.engine import checkpoint
+from forgetting_lib import config
+from forgetting_lib.engine import train
 cfg, out, mode = config.load(sys.argv[1]), sys.argv[2], sys.argv[3]
 save, write_json, saves = checkpoint.save, checkpoint.atomic_write_json, [0]
 
@@ -363,8 +418,11 @@ def test_killed_run_resumes_to_identical_metrics(base_run, tmp_path, mode):
     cfg, out, _ = base_run
     run_dir = tmp_path / "killed"
     config.dump(cfg, tmp_path / "cfg.yaml")
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "cfg.yaml"), str(run_dir), mode],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path / "cfg.yaml"), str(run_dir), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 180
         while not (run_dir / runs.CHECKPOINT / checkpoint.META).exists():

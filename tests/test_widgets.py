@@ -11,8 +11,9 @@ import threading
 
 import pytest
 
-from forgetting_lib import runs, widgets
-from forgetting_lib.widgets import METHODS, Explorer, Settings
+from forgetting_lib import methods, runs
+from forgetting_lib.experiments import explorer as widgets
+from forgetting_lib.experiments.explorer import Explorer, Settings
 
 from finetune_fixtures import B, T, world  # noqa: F401
 
@@ -22,18 +23,22 @@ BUDGET = STEPS * B * T
 
 @pytest.fixture
 def explorer(world, tmp_path):
-    return Explorer(world.child_config(), tmp_path / "explore", budgets=(BUDGET, 2 * BUDGET),
-                    evals_per_run=4)
+    return Explorer(world.child_config(), tmp_path / "explore", budgets=(BUDGET, 2 * BUDGET), evals_per_run=4)
 
 
-EXPECTED = {  # method -> (reg.method, lora.rank, strength applies)
-    "none": ("none", 0, False), "KL": ("kl_pre", 0, True), "NTP": ("ntp_pre", 0, True),
-    "replace": ("replace", 0, True), "LoRA": ("none", 16, False), "EWC": ("ewc", 0, True),
+EXPECTED = {  # method -> (reg.method, lora.rank, reads replay rows, strength applies)
+    "none": ("none", 0, False, False),
+    "KL": ("kl_pre", 0, True, True),
+    "NTP": ("ntp_pre", 0, True, True),
+    "replace": ("replace", 0, True, True),
+    "LoRA": ("none", 16, False, False),
+    "EWC": ("ewc", 0, True, True),
+    "L2-SP": ("l2sp", 0, False, True),
 }
 
 
 def test_every_method_is_tested():
-    assert set(EXPECTED) == set(METHODS)
+    assert set(EXPECTED) == set(methods.families())
 
 
 @pytest.mark.parametrize("source", ["real", "self-generated"])
@@ -43,17 +48,19 @@ def test_config_from_controls(explorer, method, source):
     explorer.coeff.value, explorer.fraction.value = 10.0, 0.25
     explorer.budget.value = 2 * BUDGET
     cfg = explorer.build_config()
-    reg_method, rank, replays = EXPECTED[method]
+    reg_method, rank, replays, strength = EXPECTED[method]
     assert cfg.reg.method == reg_method and cfg.lora.rank == rank
     assert cfg.opt.lr == pytest.approx(3e-4, rel=1e-6)
     assert cfg.stop.num_tokens_train == 2 * BUDGET
     assert cfg.log.every_tokens == 2 * BUDGET // 4 and cfg.log.progress is False
-    assert cfg.reg.synth is (replays and source == "self-generated")
     if replays:
+        assert cfg.reg.synth is (source == "self-generated")
+    if strength:
         assert cfg.reg.coeff == (0.25 if method == "replace" else 10.0)
     assert cfg.model.load_path == str(explorer.base.model.load_path)
     # controls that do not apply are greyed out / hidden
     assert explorer.source.disabled is not replays
+    assert explorer.coeff.disabled is not strength
     assert (explorer.fraction.layout.display != "none") is (method == "replace")
     assert (explorer.coeff.layout.display != "none") is (method != "replace")
     assert explorer.lr.layout.display != "none" and explorer.budget.layout.display != "none"

@@ -12,14 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from forgetting_lib.binarize import FORMAT, sidecar_path
+from forgetting_lib.prep.binarize import FORMAT, sidecar_path
 
 FIRST_TEXT_ID = 4
 
 
-def write_token_file(path: str | Path, num_tokens: int, *, vocab_size: int = 64,
-                     dataset_token: int = 1, pattern: str = "cycle", seed: int = 0,
-                     tokens: np.ndarray | None = None) -> Path:
+def write_token_file(
+    path: str | Path,
+    num_tokens: int,
+    *,
+    vocab_size: int = 64,
+    dataset_token: int = 1,
+    pattern: str = "cycle",
+    seed: int = 0,
+    tokens: np.ndarray | None = None,
+) -> Path:
     """Write `path` (.bin, uint16) and its sidecar; returns the .bin path.
 
     pattern "cycle": the text ids in a fixed random order, repeated (each next token is a
@@ -42,10 +49,20 @@ def write_token_file(path: str | Path, num_tokens: int, *, vocab_size: int = 64,
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens.astype("<u2").tofile(path)
     sidecar = {
-        "format": FORMAT, "dtype": "uint16", "num_tokens": int(tokens.size), "num_documents": 1,
-        "dataset_id": dataset_token, "dataset_token": dataset_token, "corpus": f"synthetic-test:{pattern}",
-        "tokenizer_fingerprint": "synthetic", "tokenizer_dir": "", "vocab_size": vocab_size,
-        "eos_id": 0, "max_tokens": None, "shuffle_documents": False, "seed": seed,
+        "format": FORMAT,
+        "dtype": "uint16",
+        "num_tokens": int(tokens.size),
+        "num_documents": 1,
+        "dataset_id": dataset_token,
+        "dataset_token": dataset_token,
+        "corpus": f"synthetic-test:{pattern}",
+        "tokenizer_fingerprint": "synthetic",
+        "tokenizer_dir": "",
+        "vocab_size": vocab_size,
+        "eos_id": 0,
+        "max_tokens": None,
+        "shuffle_documents": False,
+        "seed": seed,
         "created": "2000-01-01T00:00:00+00:00",
     }
     sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")

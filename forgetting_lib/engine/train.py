@@ -1,0 +1,314 @@
+"""One training loop for pretraining and finetuning: `train_and_evaluate(cfg, out_dir)`.
+
+The loop alternates an *interval* of jitted train steps (params and optimizer state donated,
+batches prepared on the host while the device works) with one evaluation (a jitted `lax.scan` over
+the device-resident validation rows). Timing separates pure train-step time from evaluation and
+compilation. Stop rules are checked after each step (lengths, time) or evaluation (target loss,
+patience, non-finite loss). Everything a resumed run needs is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .. import config as config_lib, runs, runtime
+from ..progress import Progress
+from . import checkpoint, lora as lora_lib, model as model_lib
+from .assemble import KEY_LORA, Setup, build_setup, compile_all, eval_teacher
+from .evaluate import distance, weight_norm
+from .finetune import KEY_MODEL, resolve
+from .step import lr_schedule
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or failed) run returns; the run folder holds the full record."""
+
+    out_dir: Path
+    status: str  # finished | failed
+    stop_reason: str  # which rule ended the run (num_tokens_train, target_loss, ...)
+    step: int
+    tokens: int
+    final: dict[str, Any]  # the last metrics row
+
+    def metrics(self) -> pd.DataFrame:
+        return runs.load_runs(self.out_dir)
+
+
+@dataclass
+class Tracker:
+    """Mutable progress of a run; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    sample_time_s: float = 0.0
+    checkpoint_step: int = 0  # step of the last checkpoint (checkpoints follow the first
+    # evaluation at least checkpoint_every steps after it)
+    best_valid: float = math.inf
+    evals_since_best: int = 0
+
+
+def train_and_evaluate(
+    cfg: config_lib.Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Train per `cfg`, writing the run folder `out_dir`; see the module docstring.
+
+    `on_eval(row)` is called with every metrics row as it is written (e.g. to update a live plot).
+    """
+    runtime.configure()
+    out_dir = Path(out_dir)
+    cfg = resolve(cfg)  # a finetuning run reads its architecture and parent split from the parent
+    done = _prepare_run_dir(cfg, out_dir, resume=resume, overwrite=overwrite)
+    if done is not None:
+        return done
+    setup = build_setup(cfg)
+    params, opt_state, tracker = _initial_state(setup, out_dir)
+    compile_s = compile_all(setup, params, opt_state)
+    wall_start = time.perf_counter()
+    if tracker.step == 0:
+        row = _evaluate(setup, params, tracker, {"train_ntp": None, "train_reg": None})
+        runs.append_metrics(out_dir, row)
+        if on_eval is not None:
+            on_eval(row)
+    with Progress("train", total=_total_tokens(setup), unit="tok", enabled=cfg.log.progress) as bar:
+        bar.update(tracker.step * setup.tokens_per_step)
+        params, opt_state, status, reason = _loop(setup, params, opt_state, tracker, out_dir, bar, on_eval)
+    summary = _summary(setup, tracker, status, reason, compile_s, time.perf_counter() - wall_start, out_dir)
+    runs.write_summary(out_dir, summary)
+    return RunResult(
+        out_dir, status, reason, tracker.step, tracker.step * setup.tokens_per_step, summary["final"]
+    )
+
+
+def _total_tokens(setup: Setup) -> int | None:
+    return None if setup.total_steps is None else setup.total_steps * setup.tokens_per_step
+
+
+def _loop(
+    setup: Setup,
+    params: Any,
+    opt_state: Any,
+    tracker: Tracker,
+    out_dir: Path,
+    bar: Progress,
+    on_eval: Callable[[dict[str, Any]], None] | None,
+) -> tuple[Any, Any, str, str]:
+    """Train/evaluate intervals until a stop rule fires; returns the final state and why it ended."""
+    if setup.total_steps is not None and tracker.step >= setup.total_steps:
+        # resumed from the final checkpoint (killed before the summary): nothing left to train
+        return params, opt_state, "finished", _stop_reason(setup, tracker, runs.read_metrics(out_dir)[-1])
+    while True:
+        target = tracker.step + setup.eval_every - tracker.step % setup.eval_every
+        if setup.total_steps is not None:
+            target = min(target, setup.total_steps)
+        params, opt_state, stats = _train_interval(setup, params, opt_state, tracker, target, bar)
+        finite = np.isfinite(stats["ntp"]) & np.isfinite(stats["reg"])
+        if not finite.all():
+            first_bad = tracker.step - len(finite) + int(np.argmin(finite)) + 1
+            return params, opt_state, "failed", f"non_finite_loss at step {first_bad}"
+        row = _evaluate(
+            setup,
+            params,
+            tracker,
+            {"train_ntp": float(stats["ntp"].mean()), "train_reg": float(stats["reg"].mean())},
+        )
+        runs.append_metrics(out_dir, row)
+        if on_eval is not None:
+            on_eval(row)
+        bar.update(0, loss=row["valid_ntp"])
+        reason = _stop_reason(setup, tracker, row)
+        if reason is None and not math.isfinite(row["valid_ntp"]):
+            return params, opt_state, "failed", "non_finite_valid_loss"
+        due = (
+            setup.checkpoint_every is not None
+            and tracker.step - tracker.checkpoint_step >= setup.checkpoint_every
+        )
+        if reason is not None or due:
+            tracker.checkpoint_step = tracker.step
+            _save(setup, params, opt_state, tracker, out_dir)
+        if reason is not None:
+            return params, opt_state, "finished", reason
+
+
+def _train_interval(
+    setup: Setup, trainable: Any, opt_state: Any, tracker: Tracker, target: int, bar: Progress
+) -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """Steps tracker.step+1 .. target (fewer if the train-time budget runs out).
+
+    Returns per-step {"ntp": [steps], "reg": [steps]}. Train time includes preparing batches and
+    sampling self-generated replay rows (also counted apart as sample_time_s).
+    """
+    step_fn = setup.compiled["step"]
+    budget = setup.cfg.stop.train_time_s
+    no_replay = np.zeros((0, setup.cfg.data.T), np.int32)
+    sampled_before = setup.replay.sample_time_s if setup.replay else 0.0
+    stats = []
+    start = time.perf_counter()
+    while tracker.step < target:
+        batch = setup.batcher.batch(tracker.step)
+        replay = setup.replay.batch(tracker.step) if setup.replay_rows else no_replay
+        trainable, opt_state, out = step_fn(trainable, opt_state, setup.ctx, batch, replay)
+        stats.append(out)
+        tracker.step += 1
+        bar.update(setup.tokens_per_step)
+        if budget is not None:
+            out["ntp"].block_until_ready()
+            if tracker.train_time_s + time.perf_counter() - start >= budget:
+                break
+    values = jax.device_get(stats)  # waits for the last step
+    tracker.train_time_s += time.perf_counter() - start
+    if setup.replay:
+        tracker.sample_time_s += setup.replay.sample_time_s - sampled_before
+    return trainable, opt_state, {k: np.array([v[k] for v in values], np.float64) for k in ("ntp", "reg")}
+
+
+def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, Any]) -> dict[str, Any]:
+    """One metrics row: every eval set's losses (and KL to the parent), weight norm and drift,
+    forgetting so far, timings, learning rate."""
+    start = time.perf_counter()
+    row: dict[str, Any] = {
+        "step": tracker.step,
+        "tokens": tracker.step * setup.tokens_per_step,
+        "epoch": setup.batcher.epochs(tracker.step),
+    }
+    params = setup.compiled["materialize"](trainable, setup.ctx)
+    teacher = eval_teacher(setup)
+    for name, (tokens, mask) in setup.eval_sets.items():
+        out = jax.device_get(setup.compiled[f"eval_{name}"](params, teacher, tokens, mask))
+        row.update({f"{name}_{k}": float(v) for k, v in out.items()})
+    row["weight_norm"] = float(weight_norm(params))
+    if setup.parent is not None:
+        row["drift"] = float(distance(params, setup.parent.params)) / setup.parent.init_distance
+        if setup.cfg.parent.final_valid_ntp is not None and "prev_ntp" in row:
+            row["forgetting"] = row["prev_ntp"] - setup.cfg.parent.final_valid_ntp
+    tracker.eval_time_s += time.perf_counter() - start
+    lr = lr_schedule(
+        setup.cfg.opt, math.ceil(setup.cfg.opt.warmup_tokens / setup.tokens_per_step), setup.total_steps
+    )(max(tracker.step - 1, 0))
+    row.update(
+        extra,
+        lr=float(lr),
+        train_time_s=tracker.train_time_s,
+        eval_time_s=tracker.eval_time_s,
+        sample_time_s=tracker.sample_time_s,
+    )
+    row["tokens_per_s"] = row["tokens"] / tracker.train_time_s if tracker.train_time_s else None
+    return row
+
+
+def _stop_reason(setup: Setup, tracker: Tracker, row: dict[str, Any]) -> str | None:
+    s = setup.cfg.stop
+    loss = row["valid_ntp"]
+    if loss < tracker.best_valid:
+        tracker.best_valid, tracker.evals_since_best = loss, 0
+    else:
+        tracker.evals_since_best += 1
+    if setup.total_steps is not None and tracker.step >= setup.total_steps:
+        return next(r for r in config_lib.LENGTH_RULES if getattr(s, r) is not None)
+    if s.target_loss is not None and loss <= s.target_loss:
+        return "target_loss"
+    if s.train_time_s is not None and tracker.train_time_s >= s.train_time_s:
+        return "train_time_s"
+    if s.patience is not None and tracker.evals_since_best >= s.patience:
+        return "patience"
+    return None
+
+
+def _initial_state(setup: Setup, out_dir: Path) -> tuple[Any, Any, Tracker]:
+    """(trainable, optimizer state, tracker): fresh, or from the run's last complete checkpoint.
+
+    The trainable tree is the full parameters (initialised, or copied from the parent), or the
+    LoRA adapters of a LoRA run. Finetuning starts a fresh optimizer and warm-up.
+    """
+    root = jax.random.key(setup.cfg.run.seed)
+    if setup.parent is None:
+        _, params = model_lib.init_model(setup.cfg.model, key=jax.random.fold_in(root, KEY_MODEL))
+    else:
+        params = jax.tree.map(jnp.copy, setup.parent.params)  # the parent stays intact: donation
+    trainable = (
+        lora_lib.init_adapters(params, setup.cfg.lora.rank, key=jax.random.fold_in(root, KEY_LORA))
+        if setup.lora
+        else params
+    )
+    opt_state = setup.optimizer.init(trainable)
+    if checkpoint.latest(out_dir / runs.CHECKPOINT) is None:
+        runs.truncate_metrics(out_dir, -1)
+        return trainable, opt_state, Tracker()
+    template = {"params": params, "opt_state": opt_state, **({"lora": trainable} if setup.lora else {})}
+    stored, meta = checkpoint.load(out_dir / runs.CHECKPOINT, template)
+    tracker = Tracker(**meta["tracker"])
+    runs.truncate_metrics(out_dir, tracker.step)
+    trainable = stored["lora"] if setup.lora else stored["params"]
+    return jax.device_put(trainable), jax.device_put(stored["opt_state"]), tracker
+
+
+def _save(setup: Setup, trainable: Any, opt_state: Any, tracker: Tracker, out_dir: Path) -> None:
+    """Checkpoint: full params (merged for LoRA, so any run can be a parent), optimizer state,
+    the adapters of a LoRA run, and the tracker (step = data position, timings, best loss)."""
+    meta = {
+        "tracker": vars(tracker),
+        "seed": setup.cfg.run.seed,
+        "split_seed": setup.cfg.data.split_seed,
+        "data_position": {"step": tracker.step, "rows_consumed": tracker.step * setup.batcher.batch_size},
+    }
+    tree = {"params": setup.compiled["materialize"](trainable, setup.ctx), "opt_state": opt_state}
+    if setup.lora:
+        tree["lora"] = trainable
+    checkpoint.save(out_dir / runs.CHECKPOINT, tree, meta)
+
+
+def _summary(
+    setup: Setup, tracker: Tracker, status: str, reason: str, compile_s: float, wall_s: float, out_dir: Path
+) -> dict[str, Any]:
+    rows = runs.read_metrics(out_dir)
+    paper_n = model_lib.paper_param_count(setup.cfg.model)
+    tokens = tracker.step * setup.tokens_per_step
+    return {
+        "status": status,
+        "stop_reason": reason,
+        "step": tracker.step,
+        "tokens": tokens,
+        "num_params": setup.num_params,
+        "paper_num_params": paper_n,
+        "tokens_per_param": tokens / paper_n,
+        "train_time_s": tracker.train_time_s,
+        "eval_time_s": tracker.eval_time_s,
+        "sample_time_s": tracker.sample_time_s,
+        "compile_time_s": compile_s,
+        "wall_time_s_this_session": wall_s,
+        "tokens_per_s": tokens / tracker.train_time_s if tracker.train_time_s else None,
+        "dataset_token": setup.batcher.main.dataset_token,
+        "best_valid_ntp": tracker.best_valid if math.isfinite(tracker.best_valid) else None,
+        "final": rows[-1] if rows else {},
+        "checkpoint": str(out_dir / runs.CHECKPOINT),
+    }
+
+
+def _prepare_run_dir(
+    cfg: config_lib.Config, out_dir: Path, *, resume: bool, overwrite: bool
+) -> RunResult | None:
+    """Create or check the run folder; a finished run being resumed is returned as it is."""
+    state = runs.prepare_run_dir(
+        cfg.to_dict(), out_dir, resume=resume, overwrite=overwrite, defaults=config_lib.Config().to_dict()
+    )
+    if state != "finished":
+        return None
+    summary = runs.read_summary(out_dir)
+    return RunResult(
+        out_dir, "finished", summary["stop_reason"], summary["step"], summary["tokens"], summary["final"]
+    )
