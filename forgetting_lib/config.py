@@ -330,7 +330,7 @@ def _validate_finetuning(cfg: Config) -> None:
         f"reg.method={r.method!r} must be one of {', '.join(REGULARISERS)}",
     )
     _check(
-        r.method == "none" or bool(cfg.model.load_path),
+        not REGULARISERS[r.method].needs_parent or bool(cfg.model.load_path),
         "reg.method",
         f"reg.method={r.method} regularises towards the parent, but there is no parent: "
         f"set model.load_path to a finished pretraining run",

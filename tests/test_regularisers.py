@@ -24,6 +24,7 @@ def test_registry_entry_is_consistent(name):
     assert not r.coeff_is_fraction or (r.replay_rows and r.term is None)  # a fraction of rows, no weight
     assert not r.fisher or r.frozen  # the Fisher's anchor is the parent
     assert r.needs_replay_source == (r.replay_rows or r.fisher)
+    assert r.needs_parent == r.uses_coeff == (name != "none")
 
 
 def test_unknown_method_names_the_valid_ones():

@@ -50,6 +50,16 @@ class Regulariser:
     summary: str = ""  # R in one line, for tables and the README
 
     @property
+    def needs_parent(self) -> bool:
+        """Whether it regularises towards a parent (every method but plain finetuning does)."""
+        return self.term is not None or self.replay_rows
+
+    @property
+    def uses_coeff(self) -> bool:
+        """Whether reg.coeff means anything: a loss weight, or the replaced fraction."""
+        return self.term is not None or self.coeff_is_fraction
+
+    @property
     def needs_replay_source(self) -> bool:
         """Whether the run opens a replay source (rows every step, or rows for the Fisher)."""
         return self.replay_rows or self.fisher

@@ -79,7 +79,7 @@ class Settings:
     def strength(self) -> float | None:
         """The strength that applies: the fraction for replace, the coefficient for a loss term,
         None for methods without one (none, LoRA)."""
-        if self.resolved().reg_method == "none":
+        if not regularisers.get(self.resolved().reg_method).uses_coeff:
             return None
         return self.fraction if self.fractional else self.coeff
 
