@@ -141,5 +141,5 @@ def test_chained_finetuning_drift_uses_the_root_init(lora_run, lora_child):
     cfg = config_lib.load(lora_child.out_dir / runs.CONFIG)
     pi = load_parent(resolve(cfg))
     _, root_init = init_model(cfg.model, key=jax.random.fold_in(jax.random.key(PARENT_SEED), KEY_MODEL))
-    expected = float(optax.global_norm(jax.tree.map(lambda a, b: a - b, pi.params, root_init)))
+    expected = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, pi.params, root_init)))
     assert pi.init_distance == pytest.approx(expected, rel=1e-5)
