@@ -2,19 +2,24 @@
 
 Each command is one `add_parser` block in `build_parser` plus one `cmd_<name>(args)` function
 that calls the library; heavy imports happen inside the command function. Errors a user can fix
-(bad corpus spec, missing tokenizer, incomplete token file) print one line and exit with 2.
+(bad corpus spec, missing tokenizer, incomplete token file, a run folder in use, a full disk)
+print one line, `error: ...`, and exit with 2; `--debug` (or FORGETTING_DEBUG=1) shows the
+traceback instead. A run or sweep point that fails (a diverged loss) exits with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import ConfigError
 from .engine.checkpoint import CheckpointError
 from .engine.data import DataError
 from .experiments.notebooks import NotebookError
+from .fileio import FileFormatError, is_no_space
+from .locks import LockedError
 from .prep.binarize import TokenFileError
 from .prep.corpora import CorpusError
 from .prep.tokenizer import TokenizerError
@@ -29,6 +34,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     RunFolderError,
     CheckpointError,
     NotebookError,
+    FileFormatError,
+    LockedError,
 )
 
 
@@ -86,6 +93,15 @@ def cmd_train(args: argparse.Namespace) -> None:
             indent=2,
         )
     )
+    if result.status != "finished":
+        last = result.final
+        print(
+            f"error: run {out} failed: {result.stop_reason}; its summary keeps the last finite "
+            f"evaluation (step {last.get('step')}, valid_ntp {last.get('valid_ntp')}); lower opt.lr "
+            f"or check the data, then start again with --overwrite",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -106,8 +122,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     """Run (or resume) every point of a sweep spec and print the summary table."""
     from .experiments import sweep
 
-    if args.dry_run:
-        for point in sweep.plan(args.spec):
+    if args.dry_run:  # checks every point's config as a real run does, then lists them
+        for point in sweep.check(args.spec):
             print(f"{point.stage}/{point.id} -> {point.out_dir}")
         return
     table = sweep.run_sweep(
@@ -134,6 +150,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per pipeline step."""
     parser = argparse.ArgumentParser(prog="python -m forgetting_lib", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also FORGETTING_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
@@ -208,15 +227,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; `train`'s dotted overrides may also come after its options
+    (`train P --out DIR model.D=64`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = args.command == "train" and all("=" in e and not e.startswith("-") for e in extra)
+        if not overrides:
+            hint = (
+                " (train's dotted overrides look like section.key=value)" if args.command == "train" else ""
+            )
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 2 user error)."""
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status (0 ok, 1 failed run, 2 user error)."""
+    args = parse(argv)
+    debug = args.debug or os.environ.get("FORGETTING_DEBUG") == "1"
     try:
         args.func(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if debug or not is_no_space(err):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(
+            f"error: no space left on the device{where}: {err.strerror}; free some space and "
+            f"rerun (--resume for train; everything already saved is kept)",
+            file=sys.stderr,
+        )
         return 2
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from . import methods as methods_lib
+from .fileio import FileFormatError, read_yaml
 
 
 class ConfigError(ValueError):
@@ -90,6 +92,7 @@ class ParentConfig:
     seed: int = 0  # the parent's run seed (reproduces its init for weight drift)
     final_valid_ntp: float | None = None  # the parent's final validation loss (forgetting baseline)
     dataset_token: int = -1  # the id token of the parent's data (the self-generated prompt)
+    tokenizer_fingerprint: str = ""  # the parent's tokenizer: every token file of the run must match
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,58 @@ class Config:
 
     def replace(self, overrides: Mapping[str, Any]) -> "Config":
         """A validated copy with dotted keys changed: `cfg.replace({"model.D": 128})`."""
-        return from_dict(self.to_dict(), list(overrides.items()))
+        new = from_dict(self.to_dict(), list(overrides.items()))
+        object.__setattr__(new, "_given", given_keys(self) | set(overrides))
+        return new
 
 
 LENGTH_RULES = ("num_tokens_train", "tokens_per_param", "num_epochs")
+ARCHITECTURE = ("D", "L", "H", "V")  # model keys a finetune takes from its parent
+
+# Paths a config names. Given in a parameter file, an override or a notebook parameter, they are
+# relative to the current directory (the project root, where `make`, the CLI examples and
+# `setup_notebook()` work). Stored in a run folder's config.yaml, they are relative to that
+# folder, with `written_at` (the folder's absolute path then) as the fallback for a folder moved
+# away from what it names; see runs.py.
+PATH_KEYS = ("data.path", "mix.path", "model.load_path", "parent.data_path")
+WRITTEN_AT = "written_at"
+
+
+def paths_relative_to(raw: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
+    """A config mapping as a run folder stores it: PATH_KEYS relative to `folder`, plus
+    `written_at`."""
+    base = os.path.abspath(folder)
+    out = _map_paths(raw, lambda p: os.path.relpath(os.path.abspath(p), base))
+    out[WRITTEN_AT] = base
+    return out
+
+
+def paths_resolved_from(raw: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
+    """The inverse of `paths_relative_to` (paths relative to the current directory where `folder`
+    is): each path from `folder`, or from `written_at` where only that one exists. A mapping
+    without `written_at` (stored before paths were relative) is returned unchanged."""
+    raw = dict(raw)
+    written_at = raw.pop(WRITTEN_AT, None)
+    if written_at is None:
+        return raw
+
+    def resolve(rel: str) -> str:
+        here = os.path.normpath(os.path.join(folder, rel))
+        there = os.path.normpath(os.path.join(written_at, rel))
+        return here if os.path.exists(here) or not os.path.exists(there) else there
+
+    return _map_paths(raw, resolve)
+
+
+def _map_paths(raw: Mapping[str, Any], fn: Any) -> dict[str, Any]:
+    """A copy of `raw` with `fn` applied to each non-empty string at a PATH_KEYS key."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        value = out[section].get(name) if isinstance(out.get(section), dict) else None
+        if isinstance(value, str) and value:
+            out[section][name] = fn(value)
+    return out
 
 
 def load(
@@ -158,9 +209,13 @@ def load(
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = read_yaml(path) or {}
+        except FileFormatError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+        raw = paths_resolved_from(raw, path.parent)  # a run folder's config.yaml: paths from there
     return from_dict(raw, overrides)
 
 
@@ -170,7 +225,7 @@ def from_dict(raw: Mapping[str, Any], overrides: Sequence[str | tuple[str, Any]]
     method's overrides (`methods.METHODS`), applied at its place: before the overrides for a
     top-level key, so later keys refine it."""
     merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
-    pairs = [_parse_override(item) for item in overrides]
+    pairs = [parse_override(item) for item in overrides]
     if "method" in merged:
         pairs.insert(0, ("method", merged.pop("method")))
     try:
@@ -187,16 +242,44 @@ def from_dict(raw: Mapping[str, Any], overrides: Sequence[str | tuple[str, Any]]
         target[name] = value
     cfg = _build(Config, merged, "")
     validate(cfg)
+    given = {f"{sec}.{k}" for sec, body in merged.items() if isinstance(body, Mapping) for k in body}
+    object.__setattr__(cfg, "_given", frozenset(given))
     return cfg
 
 
-def _parse_override(item: str | tuple[str, Any]) -> tuple[str, Any]:
+def given_keys(cfg: Config) -> frozenset[str]:
+    """The dotted keys the config's source and overrides set (not left at their defaults). A
+    Config built directly from the dataclasses counts the keys whose value is not the default."""
+    given = getattr(cfg, "_given", None)
+    if given is not None:
+        return given
+    mine, defaults = flatten(cfg.to_dict()), flatten(Config().to_dict())
+    return frozenset(k for k, v in mine.items() if defaults.get(k) != v)
+
+
+def flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as one mapping of dotted keys: {"opt": {"lr": 1}} -> {"opt.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, Mapping) else {key: v})
+    return out
+
+
+def parse_override(item: str | tuple[str, Any]) -> tuple[str, Any]:
+    """("key", value) from "key=value" (the value read as YAML) or from a (key, value) pair."""
     if isinstance(item, tuple):
         return item
     key, sep, text = item.partition("=")
     if not sep:
         raise ConfigError(f"override {item!r} must look like section.key=value")
-    return key.strip(), yaml.safe_load(text) if text.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. {key}='...'"
+        ) from None
 
 
 def build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:

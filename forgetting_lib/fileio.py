@@ -1,16 +1,29 @@
-"""Atomic file writes: write a temporary file beside the target, fsync, then rename over it.
+"""Atomic file writes, strict readers of the YAML files users write, and removal of the
+temporaries a killed writer leaves.
 
-A reader therefore sees either the old complete file or the new complete file, never a partial
-one, even if the writer is killed mid-way.
+Atomic writes go to a temporary file beside the target (`.<name>.<random>.tmp`), are fsynced,
+then renamed over it: a reader sees either the old complete file or the new complete file,
+never a partial one, even if the writer is killed mid-way.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import yaml
+
+
+class FileFormatError(ValueError):
+    """A file a user wrote cannot be read (not UTF-8, not valid YAML, a refused YAML tag); the
+    message names the file, the line and column, and the fix."""
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -38,3 +51,61 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The plain YAML in `path` (numbers, strings, lists, mappings); errors name file:line:col."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as err:
+        raise FileFormatError(
+            f"{path}: byte {err.start} is not UTF-8 ({err.reason}); save the file as UTF-8"
+        ) from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = err.problem or err.context or "not valid YAML"
+        if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+            raise FileFormatError(
+                f"{where}: {problem}; these files hold plain values (numbers, strings, lists, "
+                f"mappings): remove the tag (Python tags are refused, loading them could run code)"
+            ) from None
+        raise FileFormatError(f"{where}: not valid YAML: {problem}; fix that line") from None
+    except yaml.YAMLError as err:
+        raise FileFormatError(f"{path}: not valid YAML ({err})") from None
+
+
+def no_space_message(folder: str | Path, needed: int | None = None) -> str:
+    """The one line a full disk is reported with: the folder, the bytes needed and free."""
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    need = f"it needs {needed:,} bytes, " if needed is not None else ""
+    return (
+        f"no space left on the device of {folder}: {need}{free:,} bytes are free; free some space "
+        f"and rerun (everything already saved is kept)"
+    )
+
+
+def is_no_space(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def remove_temporaries(folder: str | Path, patterns: Iterable[str], *, writer_alive=None) -> list[Path]:
+    """Delete files and folders in `folder` matching the glob `patterns` (leftovers of killed
+    writers); returns what was removed. `writer_alive(path) -> bool`, where given, keeps the
+    temporaries whose writer still runs (the caller holds no lock that excludes it)."""
+    removed = []
+    for pattern in patterns:
+        for name in glob.glob(glob.escape(str(folder)) + os.sep + pattern):
+            path = Path(name)
+            if writer_alive is not None and writer_alive(path):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -7,7 +7,7 @@ works (kaleido driving a system Chrome/Chromium), as PNG too.
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -111,7 +111,7 @@ def save(
 
     The PNG engine is kaleido (a project dependency), which drives a Chrome/Chromium it finds on
     PATH, at the usual install paths (e.g. Debian's /usr/bin/chromium) or at $BROWSER_PATH. Where
-    none works, the HTML alone is the figure and one warning per session says what to install.
+    none works, the HTML alone is the figure and one stderr line per session says what to install.
     """
     global _warned_no_png
     path = Path(path).with_suffix(".html")
@@ -131,13 +131,14 @@ def save(
         written.append(png)
     except Exception as err:  # noqa: BLE001 - no kaleido/Chromium: HTML alone is the figure
         tmp.unlink(missing_ok=True)
-        if not _warned_no_png:
+        if not _warned_no_png:  # one line per session, not a warning with its source line
             _warned_no_png = True
-            warnings.warn(
-                f"figures are saved as HTML only; for PNG too, install kaleido "
-                f"(pip install 'kaleido>=1.5') and Chromium (apt-get install chromium, or "
-                f"run plotly_get_chrome), or set BROWSER_PATH to a Chrome binary "
-                f"({type(err).__name__}: {str(err).strip()[:200]})",
-                stacklevel=2,
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+            print(
+                f"warning: figures are saved as HTML only ({reason}); for PNGs too, install Chromium "
+                f"(apt-get install chromium, or run plotly_get_chrome, or set BROWSER_PATH to a "
+                f"Chrome binary) and rerun",
+                file=sys.stderr,
+                flush=True,
             )
     return written

@@ -1,11 +1,18 @@
-"""A real browser drives the explorer notebook in JupyterLab: headless Chromium (Debian's
-`chromium`, driven by Playwright's Python client) opens a copy of notebooks/05 whose parameters
-point at the tiny test parent, runs all cells, moves the learning-rate slider with the keyboard,
-clicks Run, and waits until the run's trace appears in the plotly figure and the run finishes.
+"""A real browser drives the explorer notebook in JupyterLab, opened the README's way.
+
+A temporary repository root holds `notebooks/05_explore_lr_replay.ipynb` (the committed file,
+unchanged), `params/quick/` and `outputs/quickstart/`: token files and a small English parent
+trained there by the CLI with relative paths, as the quickstart leaves them. JupyterLab starts at
+that root; headless Chromium (Debian's `chromium`, driven by Playwright's Python client) opens
+`notebooks/` and then the notebook from the file browser, so the kernel starts in `notebooks/` as
+a user's does, runs all cells, moves the learning-rate slider with the keyboard, clicks Run, and
+waits until the run's trace appears in the plotly figure and the run finishes.
 
 This checks what headless tests cannot: the widget and plotly front-end extensions load, slider
-changes reach the kernel, and FigureWidget updates sent from the training thread reach the page.
-Skipped only where Chromium is not installed (.ci/run installs it).
+changes reach the kernel, FigureWidget updates sent from the training thread reach the page, and
+every relative path (the notebook's parameters, those recorded in the parent's run folder) means
+the same in a kernel started in `notebooks/`. Skipped only where Chromium is not installed
+(.ci/run installs it).
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import nbformat
 import pytest
+import yaml
 
-from forgetting_lib import config as config_lib, runs
+from forgetting_lib import runs
 
-from finetune_fixtures import B, T, world  # noqa: F401
+from finetune_fixtures import PARENT_CONFIG, B, T, world  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_explore_lr_replay.ipynb"
@@ -42,7 +49,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-BUDGET = 8 * B * T  # 8 steps of the tiny model
+PARENT_STEPS = 60
+EVALS = 8  # the notebook's evals_per_run: a trajectory has EVALS + 1 points
 
 
 def _free_port() -> int:
@@ -51,27 +59,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_notebook(world, folder: Path) -> Path:
-    """notebooks/05 with its parameters cell replaced: the tiny parent, 8-step runs."""
-    base = folder / "finetune.yaml"
-    config_lib.dump(world.child_config(), base)
-    params = {
-        "parent_run": str(world.parent),
-        "spanish_tokens": str(world.new),
-        "base_params": str(base),
-        "out_dir": str(folder / "explore"),
-        "budgets": [BUDGET],
-        "budget": BUDGET,
-        "lr": 1e-3,
-        "evals_per_run": 4,
-        "overrides": [],
-    }
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    cell.source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
-    path = folder / NOTEBOOK.name
-    nbformat.write(nb, path)
-    return path
+def _make_repository(world, repo: Path) -> None:
+    """The layout `make quickstart` leaves, at tiny scale, made with relative paths from `repo`."""
+    (repo / "notebooks").mkdir(parents=True)
+    shutil.copy(NOTEBOOK, repo / "notebooks" / NOTEBOOK.name)
+    data = repo / "outputs" / "quickstart" / "data"
+    data.mkdir(parents=True)
+    for src, name in ((world.old, "en"), (world.new, "es")):
+        shutil.copy(src, data / f"{name}.bin")
+        shutil.copy(src.with_suffix(".json"), data / f"{name}.json")
+    params = repo / "params" / "quick"
+    params.mkdir(parents=True)
+    pretrain = {**PARENT_CONFIG, "stop": {"num_tokens_train": PARENT_STEPS * B * T}}
+    pretrain["data"] = {**pretrain["data"], "path": "outputs/quickstart/data/en.bin"}
+    (params / "pretrain.yaml").write_text(yaml.safe_dump(pretrain))
+    finetune = {  # the notebook's base_params: relative paths, the architecture from the parent
+        "data": {"path": "outputs/quickstart/data/es.bin", "T": T, "batch_size": B, "valid_tokens": 1000,
+                 "microbatch_rows": B},
+        "model": {"load_path": "outputs/quickstart/runs/pretrain_en"},
+        "opt": {"lr": 1e-3, "warmup_tokens": 0},
+        "reg": {"replay_batch_size": 4},
+        "stop": {"num_tokens_train": 400_000},
+        "log": {"every_tokens": 16384, "progress": False},
+    }  # fmt: skip
+    (params / "finetune.yaml").write_text(yaml.safe_dump(finetune))
+    subprocess.run(
+        [sys.executable, "-m", "forgetting_lib", "train", "params/quick/pretrain.yaml",
+         "--out", "outputs/quickstart/runs/pretrain_en"],
+        cwd=repo, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
 
 
 # User settings of the test's JupyterLab: all cells stay attached to the page (no windowing, so
@@ -156,9 +172,10 @@ def test_explorer_in_jupyterlab(world, tmp_path):
         pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
-    notebook = _write_notebook(world, tmp_path)
+    repo = tmp_path / "repo"
+    _make_repository(world, repo)
     port, token = _free_port(), secrets.token_hex(16)
-    proc = _start_lab(tmp_path, port, token)
+    proc = _start_lab(repo, port, token)
     try:
         _wait_for_server(proc, f"http://127.0.0.1:{port}/api/status?token={token}", timeout=45)
         with sync_playwright() as pw:
@@ -166,18 +183,31 @@ def test_explorer_in_jupyterlab(world, tmp_path):
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.set_default_timeout(60_000)
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={token}")
+                page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
+                _open_from_file_browser(page, expect, "notebooks", NOTEBOOK.name)
                 _drive(page, expect)
             finally:
                 browser.close()
     except Exception:
-        print((tmp_path / "jupyterlab.log").read_text()[-5000:])
+        print((repo / "jupyterlab.log").read_text()[-5000:])
         raise
     finally:
         _stop(proc)
-    folders = sorted((tmp_path / "explore").iterdir())
+    folders = sorted((repo / "outputs" / "explore").iterdir())
     assert len(folders) == 1 and runs.is_finished(folders[0])
     assert runs.read_config(folders[0])["opt"]["lr"] == pytest.approx(1e-4)  # the slider's value
+    assert "prev_ntp" in runs.read_summary(folders[0])["final"]  # the parent's English data was found
+
+
+def _open_from_file_browser(page, expect, folder: str, name: str) -> None:
+    """Double-click `folder`, then `name`, in JupyterLab's file browser."""
+    listing = page.locator(".jp-DirListing-content")
+    item = listing.locator(".jp-DirListing-itemText").get_by_text(folder, exact=True)
+    expect(item).to_be_visible(timeout=45_000)
+    item.dblclick()
+    notebook = listing.locator(".jp-DirListing-itemText").get_by_text(name, exact=True)
+    expect(notebook).to_be_visible()
+    notebook.dblclick()
 
 
 def _run_all_cells(page, expect, attempts: int = 4) -> None:
@@ -221,7 +251,7 @@ def _drive(page, expect) -> None:
     page.locator(".widget-button", has_text="Run").click()
     expect(figure.locator(".scatterlayer .trace")).to_have_count(1, timeout=60_000)
     expect(figure.locator(".legendtext")).to_contain_text(["lr=1e-04"])
-    # the trace grows as the run evaluates (steps 0, 2, 4, 6, 8), streamed from the thread
-    expect(figure.locator(".scatterlayer .trace .point")).to_have_count(5, timeout=60_000)
+    # the trace grows as the run evaluates (EVALS + 1 points), streamed from the thread
+    expect(figure.locator(".scatterlayer .trace .point")).to_have_count(EVALS + 1, timeout=90_000)
     expect(page.locator(".widget-html", has_text=re.compile(r"^Finished 001-"))).to_be_visible(timeout=30_000)
     expect(page.locator(".widget-html table")).to_contain_text("forgetting")

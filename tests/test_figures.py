@@ -208,7 +208,9 @@ def test_reproduce_runs_data_notebooks_then_figures_and_survives_a_failing_one(t
 
     from test_notebooks import _write_corpus
 
-    corpora = {lang: _write_corpus(tmp_path, lang) for lang in ("en", "es")}
+    corpora = {
+        lang: _write_corpus(tmp_path, lang).replace("files:", f"files:{tmp_path}/") for lang in ("en", "es")
+    }
     scale = tmp_path / "params" / "quick"
     scale.mkdir(parents=True)
     files = {

@@ -2,14 +2,18 @@
 
 The walkthrough 01 -> 04 runs once per session at a tiny scale (a 320-piece tokenizer on a few
 generated documents, a few thousand tokens, a D=32 model trained for a few steps) in a temporary
-folder; each test then checks what one notebook left behind.
+project folder, with relative paths and each kernel started in its `notebooks/` folder, as
+JupyterLab starts them; each test then checks what one notebook left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -34,19 +38,37 @@ WORDS = {
 
 
 def _write_corpus(folder: Path, lang: str, docs: int = 40) -> str:
-    """A `files:` corpus of `docs` pseudo-random documents (blank-line separated)."""
+    """A `files:` corpus of `docs` pseudo-random documents (blank-line separated), named
+    relative to the project root `folder`."""
     rng = random.Random(lang)
     text = "\n\n".join(
         " ".join(rng.choice(WORDS[lang]) for _ in range(rng.randint(30, 90))) + "." for _ in range(docs)
     )
-    (folder / f"{lang}.txt").write_text(text + "\n", encoding="utf-8")
-    return f"files:{folder}/{lang}.txt"
+    (folder / "corpus").mkdir(exist_ok=True)
+    (folder / "corpus" / f"{lang}.txt").write_text(text + "\n", encoding="utf-8")
+    return f"files:corpus/{lang}.txt"
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send this process's fd 2 (which the kernels inherit) to `path` for the block."""
+    saved = os.dup(2)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @pytest.fixture(scope="module")
 def walkthrough(tmp_path_factory) -> dict:
-    """Run 01..04 with tiny parameters; returns the folders and each executed notebook."""
+    """Run 01..04 with tiny parameters in the project folder `base`, kernels started in
+    `base/notebooks`, every path in the parameters relative; returns the folders (absolute),
+    each executed notebook and what the kernels wrote to stderr."""
     base = tmp_path_factory.mktemp("walkthrough")
+    (base / "notebooks").mkdir()
     corpora = {lang: _write_corpus(base, lang) for lang in ("en", "es")}
     paths = {
         "tok": base / "tokenizer",
@@ -105,10 +127,15 @@ def walkthrough(tmp_path_factory) -> dict:
             "figures_dir": str(paths["figures"]),
         },
     }
-    executed = {
-        name: run_notebook(name, params[name], paths["executed"], cwd=base) for name in notebooks.WALKTHROUGH
-    }
-    return {**paths, "notebooks": executed}
+    params = json.loads(json.dumps(params).replace(f'"{base}/', '"').replace(f'"{base}"', '"."'))
+    assert str(base) not in json.dumps(params)  # every path is relative
+    stderr = Path(tempfile.mkstemp(suffix=".log")[1])
+    with _stderr_to(stderr):
+        executed = {
+            name: run_notebook(name, params[name], paths["executed"], cwd=base / "notebooks")
+            for name in notebooks.WALKTHROUGH
+        }
+    return {**paths, "notebooks": executed, "params": params, "stderr": stderr.read_text()}
 
 
 def _code_outputs(path: Path) -> str:
@@ -170,6 +197,23 @@ def test_04_finetune_replay(walkthrough):
     assert (walkthrough["figures"] / "finetune_tradeoff.html").is_file()
     out = _code_outputs(walkthrough["notebooks"]["04_finetune_replay"])
     assert "self_generated" in out and "forgetting" in out
+
+
+def test_kernels_print_no_warnings_or_errors(walkthrough):
+    # ipykernel warns about TCP without encryption unless the kernel uses IPC; a kernel shut
+    # down while busy logs a KeyboardInterrupt: a newcomer reads either as a failure
+    assert "WARNING" not in walkthrough["stderr"] and "ERROR" not in walkthrough["stderr"]
+    assert "KeyboardInterrupt" not in walkthrough["stderr"], walkthrough["stderr"][-2000:]
+
+
+def test_quickstart_ends_with_the_finetunes_table(walkthrough, tmp_path, monkeypatch):
+    from forgetting_lib.experiments.quickstart import result_table
+
+    (tmp_path / "04_finetune_replay.yaml").write_text(json.dumps(walkthrough["params"]["04_finetune_replay"]))
+    monkeypatch.chdir(walkthrough["tok"].parent)  # the parameters' paths are relative to the project
+    table = result_table(tmp_path)
+    assert list(table.index) == [f"finetune_es_{m}" for m in ("standard", "kl_self", "kl_real")]
+    assert table["forgetting"].map(math.isfinite).all()
 
 
 def test_executed_notebooks_keep_figures_and_plain_progress(walkthrough):

@@ -449,6 +449,7 @@ def test_killed_run_resumes_to_identical_metrics(base_run, tmp_path, mode):
     (fake / checkpoint.META).write_text(json.dumps({"tracker": {"step": 60}}))
     result = train.train_and_evaluate(cfg, run_dir, resume=True)
     assert result.status == "finished" and result.step == 100
+    assert not list(run_dir.glob(".checkpoint.tmp-*"))  # the killed save's leftovers are removed
     assert losses_only(runs.read_metrics(run_dir)) == losses_only(runs.read_metrics(out))
     assert checkpoint.read_meta(run_dir / runs.CHECKPOINT)["tracker"]["step"] == 100
 

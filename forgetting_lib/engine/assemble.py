@@ -98,6 +98,11 @@ def build_setup(cfg: config_lib.Config) -> Setup:
         )
         if cfg.mix.valid_tokens > 0:
             eval_sets["mix"] = data_lib.eval_batches(mix, eval_rows)
+    parent_fp = cfg.parent.tokenizer_fingerprint if m.load_path else ""
+    if parent_fp:
+        _check_tokenizer(main, parent_fp, f"the parent run {m.load_path}")
+    if mix is not None:
+        _check_tokenizer(mix, _fingerprint(main), f"this run's training data {main.path}")
     tokens_per_step = d.batch_size * d.T
     total = total_steps_for(cfg, tokens_per_step, (new_rows - mix_rows) / len(main.train_rows))
     warmup_steps = math.ceil(cfg.opt.warmup_tokens / tokens_per_step)
@@ -149,6 +154,8 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
         )
         prev = None
     if prev is not None:
+        if p.tokenizer_fingerprint:
+            _check_tokenizer(prev, p.tokenizer_fingerprint, f"the parent run {cfg.model.load_path}")
         setup.eval_sets["prev"] = data_lib.eval_batches(prev, eval_rows)
     if method.coeff_is_fraction:  # replay rows replace part of every batch
         setup.replay_rows = replace_rows
@@ -186,6 +193,21 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
         batches = [setup.replay.batch(i) for i in range(r.fisher_batches)]
         setup.ctx["fisher"] = replay_lib.diagonal_fisher(
             model_lib.make_hidden(setup.graphdef), setup.parent.params, batches
+        )
+
+
+def _fingerprint(rows: data_lib.TokenRows) -> str:
+    return str(rows.sidecar.get("tokenizer_fingerprint", ""))
+
+
+def _check_tokenizer(rows: data_lib.TokenRows, expected: str, whose: str) -> None:
+    """Token ids mean pieces of one tokenizer: a file made by another one is an error."""
+    found = _fingerprint(rows)
+    if found and expected and found != expected:
+        raise data_lib.DataError(
+            f"{rows.path} was made with tokenizer {found[:12]} ({rows.sidecar.get('tokenizer_dir') or '?'}) "
+            f"but {whose} uses tokenizer {expected[:12]}: its token ids name other pieces; "
+            f"re-binarize it with that tokenizer (python -m forgetting_lib binarize --tokenizer DIR ...)"
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, is_no_space, no_space_message
 
 META = "meta.json"
 ARRAYS = "arrays.npz"
@@ -34,18 +34,31 @@ def _flatten(tree: Any) -> dict[str, np.ndarray]:
 
 
 def save(directory: str | Path, tree: Any, meta: dict[str, Any]) -> None:
-    """Write `tree` and `meta` to `directory`, replacing any previous checkpoint atomically."""
+    """Write `tree` and `meta` to `directory`, replacing any previous checkpoint atomically. On a
+    full disk (checked before writing, and caught while writing) the temporary folder is removed
+    and a CheckpointError names the folder and the bytes needed; the previous checkpoint stays."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     arrays = _flatten(jax.device_get(tree))
-    with open(tmp / ARRAYS, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    atomic_write_json(tmp / META, {**meta, "num_arrays": len(arrays)})
+    needed = sum(a.nbytes for a in arrays.values()) + 4096 * (len(arrays) + 2)  # + npz headers, meta
+    full = f"cannot write the checkpoint {directory}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(directory.parent).free < needed:
+        raise CheckpointError(f"{full}: {no_space_message(directory.parent, needed)}")
+    try:
+        tmp.mkdir(parents=True)
+        with open(tmp / ARRAYS, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_json(tmp / META, {**meta, "num_arrays": len(arrays)})
+    except BaseException as err:  # full disk, Ctrl-C: no full-size leftover
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(err):
+            raise CheckpointError(f"{full}: {no_space_message(directory.parent, needed)}") from None
+        raise
     if directory.exists():  # `directory` is complete, so an older `.old` is stale
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -66,7 +79,20 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     found = latest(directory)
     if found is None:
         raise CheckpointError(f"no complete checkpoint in {directory} (meta.json and arrays.npz)")
-    return json.loads((found / META).read_text())
+    return _read_meta(found)
+
+
+def _read_meta(found: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((found / META).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{found / META} is damaged ({err}): the checkpoint cannot be used; restore the run "
+            f"folder from a backup, or start the run again (--overwrite)"
+        ) from None
 
 
 def load(directory: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
@@ -77,7 +103,7 @@ def load(directory: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
             f"no complete checkpoint in {directory}; the run never reached its "
             f"first checkpoint: start it again without resuming"
         )
-    meta = json.loads((found / META).read_text())
+    meta = _read_meta(found)
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     try:
         with np.load(found / ARRAYS) as stored:

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from .. import config as config_lib, runs
+from ..prep.binarize import TokenFileError, read_token_file
 from . import checkpoint, data as data_lib, model as model_lib
 from .sampling import make_sampler, sample_from_id
 
@@ -40,6 +41,21 @@ def resolve(cfg: config_lib.Config) -> config_lib.Config:
             f"finish (or --resume) that run first, or point at another run folder"
         )
     parent = config_lib.from_dict(runs.read_config(parent_dir))
+    given = config_lib.given_keys(cfg)
+    clash = [
+        k
+        for k in config_lib.ARCHITECTURE
+        if f"model.{k}" in given and getattr(cfg.model, k) != getattr(parent.model, k)
+    ]
+    if clash:
+        values = ", ".join(
+            f"model.{k}={getattr(cfg.model, k)} (parent: {getattr(parent.model, k)})" for k in clash
+        )
+        raise FinetuneError(
+            f"{values}: a finetune keeps the architecture of its parent {parent_dir}; remove "
+            f"{', '.join(f'model.{k}' for k in clash)} from the finetune's config and overrides "
+            f"(it is read from the parent), or pretrain a parent of that size"
+        )
     if cfg.data.T != parent.data.T:
         raise FinetuneError(
             f"data.T={cfg.data.T} but the parent {parent_dir} was trained with "
@@ -59,8 +75,18 @@ def resolve(cfg: config_lib.Config) -> config_lib.Config:
             "parent.seed": parent.parent.seed if parent.model.load_path else parent.run.seed,
             "parent.final_valid_ntp": summary["final"]["valid_ntp"],
             "parent.dataset_token": summary.get("dataset_token", -1),
+            "parent.tokenizer_fingerprint": summary.get("tokenizer_fingerprint")
+            or _data_fingerprint(parent.data.path),
         }
     )
+
+
+def _data_fingerprint(path: str) -> str:
+    """The tokenizer fingerprint in a token file's sidecar ('' if the file is gone: unknown)."""
+    try:
+        return read_token_file(path)[1].get("tokenizer_fingerprint", "")
+    except (TokenFileError, OSError, KeyError):
+        return ""
 
 
 @dataclass(frozen=True)

@@ -73,10 +73,33 @@ def train_and_evaluate(
     runtime.configure()
     out_dir = Path(out_dir)
     cfg = resolve(cfg)  # a finetuning run reads its architecture and parent split from the parent
-    done = _prepare_run_dir(cfg, out_dir, resume=resume, overwrite=overwrite)
-    if done is not None:
-        return done
-    setup = build_setup(cfg)
+    existed = out_dir.exists()
+    with runs.lock(out_dir):  # one writer per run folder
+        try:
+            state = runs.prepare_run_dir(
+                cfg.to_dict(),
+                out_dir,
+                resume=resume,
+                overwrite=overwrite,
+                defaults=config_lib.Config().to_dict(),
+            )
+            if state == "finished":
+                return _finished(out_dir)
+            runs.remove_stale_temporaries(out_dir)
+            setup = build_setup(cfg)  # fails early (naming the file) on missing or unfit data
+        except Exception:
+            if not existed:
+                runs.discard_if_empty(out_dir)  # a refused run leaves no folder behind
+            raise
+        if state == "new":
+            runs.reset_run_files(out_dir)  # a refused or crashed start left at most a config
+            runs.write_config(out_dir, cfg.to_dict())
+        return _run(setup, out_dir, on_eval)
+
+
+def _run(setup: Setup, out_dir: Path, on_eval: Callable[[dict[str, Any]], None] | None) -> RunResult:
+    """Train from the folder's last checkpoint (or from the start) to a stop rule; write the summary."""
+    cfg = setup.cfg
     params, opt_state, tracker = _initial_state(setup, out_dir)
     compile_s = compile_all(setup, params, opt_state)
     wall_start = time.perf_counter()
@@ -87,8 +110,11 @@ def train_and_evaluate(
             on_eval(row)
     with Progress("train", total=_total_tokens(setup), unit="tok", enabled=cfg.log.progress) as bar:
         bar.update(tracker.step * setup.tokens_per_step)
-        params, opt_state, status, reason = _loop(setup, params, opt_state, tracker, out_dir, bar, on_eval)
-    summary = _summary(setup, tracker, status, reason, compile_s, time.perf_counter() - wall_start, out_dir)
+        params, opt_state, status, reason, failed_at = _loop(
+            setup, params, opt_state, tracker, out_dir, bar, on_eval
+        )
+    wall_s = time.perf_counter() - wall_start
+    summary = _summary(setup, tracker, status, reason, compile_s, wall_s, out_dir, failed_at)
     runs.write_summary(out_dir, summary)
     return RunResult(
         out_dir, status, reason, tracker.step, tracker.step * setup.tokens_per_step, summary["final"]
@@ -107,11 +133,13 @@ def _loop(
     out_dir: Path,
     bar: Progress,
     on_eval: Callable[[dict[str, Any]], None] | None,
-) -> tuple[Any, Any, str, str]:
-    """Train/evaluate intervals until a stop rule fires; returns the final state and why it ended."""
+) -> tuple[Any, Any, str, str, int | None]:
+    """Train/evaluate intervals until a stop rule fires; returns the final state, the status, why
+    it ended and (failed runs) the first step whose loss was not finite."""
     if setup.total_steps is not None and tracker.step >= setup.total_steps:
         # resumed from the final checkpoint (killed before the summary): nothing left to train
-        return params, opt_state, "finished", _stop_reason(setup, tracker, runs.read_metrics(out_dir)[-1])
+        last = runs.read_metrics(out_dir)[-1]
+        return params, opt_state, "finished", _stop_reason(setup, tracker, last), None
     while True:
         target = tracker.step + setup.eval_every - tracker.step % setup.eval_every
         if setup.total_steps is not None:
@@ -120,7 +148,7 @@ def _loop(
         finite = np.isfinite(stats["ntp"]) & np.isfinite(stats["reg"])
         if not finite.all():
             first_bad = tracker.step - len(finite) + int(np.argmin(finite)) + 1
-            return params, opt_state, "failed", f"non_finite_loss at step {first_bad}"
+            return params, opt_state, "failed", f"non_finite_loss at step {first_bad}", first_bad
         row = _evaluate(
             setup,
             params,
@@ -133,7 +161,7 @@ def _loop(
         bar.update(0, loss=row["valid_ntp"])
         reason = _stop_reason(setup, tracker, row)
         if reason is None and not math.isfinite(row["valid_ntp"]):
-            return params, opt_state, "failed", "non_finite_valid_loss"
+            return params, opt_state, "failed", f"non_finite_valid_loss at step {tracker.step}", tracker.step
         due = (
             setup.checkpoint_every is not None
             and tracker.step - tracker.checkpoint_step >= setup.checkpoint_every
@@ -142,7 +170,7 @@ def _loop(
             tracker.checkpoint_step = tracker.step
             _save(setup, params, opt_state, tracker, out_dir)
         if reason is not None:
-            return params, opt_state, "finished", reason
+            return params, opt_state, "finished", reason, None
 
 
 def _train_interval(
@@ -273,7 +301,14 @@ def _save(setup: Setup, trainable: Any, opt_state: Any, tracker: Tracker, out_di
 
 
 def _summary(
-    setup: Setup, tracker: Tracker, status: str, reason: str, compile_s: float, wall_s: float, out_dir: Path
+    setup: Setup,
+    tracker: Tracker,
+    status: str,
+    reason: str,
+    compile_s: float,
+    wall_s: float,
+    out_dir: Path,
+    failed_at: int | None = None,
 ) -> dict[str, Any]:
     rows = runs.read_metrics(out_dir)
     paper_n = model_lib.paper_param_count(setup.cfg.model)
@@ -293,22 +328,25 @@ def _summary(
         "wall_time_s_this_session": wall_s,
         "tokens_per_s": tokens / tracker.train_time_s if tracker.train_time_s else None,
         "dataset_token": setup.batcher.main.dataset_token,
+        "tokenizer_fingerprint": setup.batcher.main.sidecar.get("tokenizer_fingerprint", ""),
         "best_valid_ntp": tracker.best_valid if math.isfinite(tracker.best_valid) else None,
-        "final": rows[-1] if rows else {},
-        "checkpoint": str(out_dir / runs.CHECKPOINT),
+        "final": _last_finite(rows),  # a failed run's last finite evaluation
+        **({"failed_at_step": failed_at} if failed_at is not None else {}),
+        "checkpoint": runs.CHECKPOINT,  # relative to the run folder
     }
 
 
-def _prepare_run_dir(
-    cfg: config_lib.Config, out_dir: Path, *, resume: bool, overwrite: bool
-) -> RunResult | None:
-    """Create or check the run folder; a finished run being resumed is returned as it is."""
-    state = runs.prepare_run_dir(
-        cfg.to_dict(), out_dir, resume=resume, overwrite=overwrite, defaults=config_lib.Config().to_dict()
-    )
-    if state != "finished":
-        return None
+def _finished(out_dir: Path) -> RunResult:
+    """A finished run being resumed, returned as it is."""
     summary = runs.read_summary(out_dir)
     return RunResult(
         out_dir, "finished", summary["stop_reason"], summary["step"], summary["tokens"], summary["final"]
     )
+
+
+def _last_finite(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last metrics row whose losses are all finite ({} if none is)."""
+    for row in reversed(rows):
+        if all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+            return row
+    return {}

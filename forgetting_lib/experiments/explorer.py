@@ -149,9 +149,10 @@ class Explorer:
             extra.append(("model.load_path", str(parent)))
         if data_path is not None:
             extra.append(("data.path", str(data_path)))
-        if isinstance(base, config_lib.Config):
-            base = base.to_dict()
-        self.base = config_lib.load(base, extra)
+        if isinstance(base, config_lib.Config):  # replace, not a dict round trip: keeps which keys were set
+            self.base = base.replace(dict(config_lib.parse_override(o) for o in extra))
+        else:
+            self.base = config_lib.load(base, extra)
         self.out_dir = Path(out_dir)
         self.evals_per_run = evals_per_run
         self.results: list[dict[str, Any]] = []  # one record per finished (or failed) run

@@ -10,6 +10,15 @@ Executed notebooks keep their figures: `setup()` makes plotly render as
 `plotly_mimetype+notebook`, i.e. every figure is stored in the .ipynb as plotly JSON (drawn by
 JupyterLab's bundled plotly extension, offline, whether or not the notebook is trusted) plus an
 HTML fallback with plotly.js embedded (no CDN), for viewers without the extension.
+
+Relative paths in notebook parameters are relative to the project root: the folder holding
+`notebooks/`. JupyterLab starts a kernel in the notebook's own folder, so `setup()` moves a
+kernel that starts inside a `notebooks/` folder up to that folder's parent; papermill kernels
+start in the caller's current directory (the project root for `make` and the CLI examples).
+
+Kernels talk to papermill over IPC sockets (files in the Jupyter runtime folder), not
+unencrypted TCP on localhost, so nothing else on the machine can read or drive them (and
+ipykernel has nothing to warn about).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import yaml
+from ..fileio import read_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -81,7 +90,9 @@ def load_parameters(parameters: str | Path | Mapping[str, Any] | None) -> dict[s
         return {}
     if isinstance(parameters, Mapping):
         return dict(parameters)
-    raw = yaml.safe_load(Path(parameters).read_text())
+    if not Path(parameters).is_file():
+        raise NotebookError(f"parameter file {parameters} does not exist")
+    raw = read_yaml(parameters)
     if not isinstance(raw, dict):
         raise NotebookError(f"parameter file {parameters} must hold a YAML mapping of name: value")
     raw.pop("notebook", None)
@@ -130,6 +141,7 @@ def run_notebook(
                 progress_bar=False,
                 stdout_file=sys.stdout if stream_output else None,
                 stderr_file=sys.stderr if stream_output else None,
+                config=_kernel_config(),
             )
         except PapermillExecutionError as err:
             first = next((line for line in err.source.splitlines() if line.strip()), "")
@@ -175,6 +187,23 @@ def run_notebooks(
     return results
 
 
+def _kernel_config() -> Any:
+    """nbclient's traitlets config for one kernel: IPC transport where it can (POSIX), its sockets
+    under a name of its own in the Jupyter runtime folder (kernels started at once, as a sweep's
+    workers start them, must not pick the same socket files)."""
+    import uuid
+
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets.config import Config
+
+    if os.name != "posix":
+        return Config()
+    runtime = Path(jupyter_runtime_dir())
+    runtime.mkdir(parents=True, exist_ok=True)
+    sockets = runtime / f"papermill-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(sockets)}})
+
+
 def plain_progress() -> contextlib.AbstractContextManager[None]:
     """Kernels started inside this block print progress as plain periodic lines (set it once
     around threads that start kernels concurrently, so they do not race on os.environ)."""
@@ -196,12 +225,21 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def project_root(start: str | Path | None = None) -> Path | None:
+    """The project root a kernel started in `start` (default: the current folder) works in: the
+    parent of the nearest enclosing folder named `notebooks` (None outside any)."""
+    start = Path(start or Path.cwd()).resolve()
+    return next((f.parent for f in (start, *start.parents) if f.name == "notebooks"), None)
+
+
 def setup() -> None:
     """What every notebook's setup cell calls after `runtime.configure()`: figures that survive
-    saving (see the module docstring), and relative paths resolved from the project root when
-    the notebook was opened from the notebooks/ folder itself."""
+    saving (see the module docstring), and the kernel moved to the project root when it started
+    inside `notebooks/` (JupyterLab starts kernels beside the notebook), so relative paths mean
+    the same in JupyterLab, in papermill and on the command line."""
     import plotly.io as pio
 
     pio.renderers.default = PLOTLY_RENDERER
-    if Path.cwd().resolve() == NOTEBOOK_DIR.resolve():
-        os.chdir(PROJECT_ROOT)
+    root = project_root()
+    if root is not None:
+        os.chdir(root)

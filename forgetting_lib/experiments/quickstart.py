@@ -63,9 +63,34 @@ def run(
     `<params_dir>/<name>.yaml`; executed copies go to `<out>/notebooks/`. Returns {name: seconds}."""
     start = time.perf_counter()
     seconds = run_notebooks(names or WALKTHROUGH, params_dir, Path(out) / "notebooks")
+    table = result_table(params_dir)
+    if table is not None:
+        print(
+            "quickstart: the finetunes of notebook 04 (valid = Spanish, prev = English loss in "
+            "nats/token; forgetting = English loss now minus the parent's)\n"
+            + table.to_string(float_format=lambda v: f"{v:.4f}"),
+            flush=True,
+        )
     print(
         f"quickstart: {len(seconds)} notebooks in {time.perf_counter() - start:.0f} s; executed "
         f"notebooks in {Path(out) / 'notebooks'}, figures in {Path(out) / 'figures'}",
         flush=True,
     )
     return seconds
+
+
+def result_table(params_dir: str | Path = "params/quick") -> Any:
+    """The final table of notebook 04's runs as `<params_dir>/04_finetune_replay.yaml` names them
+    (a DataFrame; None where none of them exists yet)."""
+    from .. import runs
+    from .notebooks import load_parameters, parameters_of
+
+    name = WALKTHROUGH[-1]
+    path = Path(params_dir) / f"{name}.yaml"
+    values = {**parameters_of(name), **(load_parameters(path) if path.is_file() else {})}
+    folders = [
+        Path(values["runs_dir"]) / f"{values['run_prefix']}{method}"
+        for method in methods_lib.named(values["methods"])
+    ]
+    existing = [f for f in folders if (f / runs.CONFIG).exists()]
+    return runs.final_table(existing) if existing else None

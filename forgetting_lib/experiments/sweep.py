@@ -11,6 +11,11 @@ fails with the differing keys. Each point runs as a papermill-executed copy of
 status of every point. Ctrl-C stops the sweep: queued points are cancelled, and everything
 already written stays resumable.
 
+One sweep per spec output at a time: a second `run_sweep` on the same `out` is refused (the lock
+`<out>/.sweep.lock` names its holder). Sweeps of different specs may share a stage folder (the
+figures share their pretraining stage): a point another process is training is waited for, then
+used as it finished; each run folder has its own lock (runs.lock).
+
 `load_stage(spec, stage)` reads the finished points' results back as one DataFrame.
 """
 
@@ -26,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pandas as pd
 
-from .. import config as config_lib, runs
+from .. import config as config_lib, locks, runs
 from ..config import ConfigError
 from ..fileio import atomic_write_json, atomic_write_text
 from .sweep_spec import Point, Spec, SweepError, load_spec, plan
@@ -37,6 +42,7 @@ __all__ = [
     "plan",
     "run_sweep",
     "run_point",
+    "check",
     "load_stage",
     "stage_status",
     "summary_table",
@@ -58,6 +64,7 @@ SUMMARY_COLUMNS = (
 )
 FINAL_METRICS = ("tokens", "valid_ntp", "prev_ntp", "forgetting")  # from the run's last evaluation
 OK = ("done", "finished")
+SWEEP_LOCK = ".sweep.lock"
 
 
 def run_point(point: Point, *, notebook: bool = True) -> dict[str, Any]:
@@ -65,14 +72,18 @@ def run_point(point: Point, *, notebook: bool = True) -> dict[str, Any]:
     run (it is recorded); an interrupt (Ctrl-C) propagates."""
     start, record = time.perf_counter(), _record(point)
     try:
+        locks.wait_until_free(point.out_dir / runs.LOCK, f"sweep point {point.stage}/{point.id}", log=print)
         if runs.is_finished(point.out_dir) and _same_config(point):
             record["status"] = "done"
         else:
             _train(point, notebook)
             record["status"] = "finished" if runs.is_finished(point.out_dir) else "failed"
             if record["status"] == "failed":
+                summary = runs.read_summary(point.out_dir) or {}
                 record["error"] = (
-                    f"ended with status {(runs.read_summary(point.out_dir) or {}).get('status')}"
+                    f"ended with status {summary.get('status')}: {summary.get('stop_reason')}"
+                    if summary
+                    else "ended without a summary (see the executed notebook in its folder)"
                 )
     except Exception as err:  # noqa: BLE001 - a failed point is recorded, the sweep goes on
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
@@ -112,11 +123,11 @@ def _same_config(point: Point) -> bool:
 
 def _train(point: Point, notebook: bool) -> None:
     if notebook:
+        from ..engine.finetune import resolve
         from .notebooks import run_notebook
 
-        run_notebook(
-            RUN_NOTEBOOK, {"config": point.config().to_dict(), "out_dir": str(point.out_dir)}, point.out_dir
-        )
+        config = resolve(point.config()).to_dict()  # resolved here: the notebook gets every key
+        run_notebook(RUN_NOTEBOOK, {"config": config, "out_dir": str(point.out_dir)}, point.out_dir)
     else:
         from ..engine.train import train_and_evaluate
 
@@ -143,18 +154,38 @@ def run_sweep(
     notebooks, spawned processes otherwise.
     """
     spec = load_spec(spec)
+    points = check(spec)
+    with locks.hold(spec.out / SWEEP_LOCK, f"the sweep output {spec.out}"):
+        return _run_stages(spec, points, workers, notebook, stages, executor, log)
+
+
+def check(spec: str | Path | Mapping[str, Any] | Spec) -> list[Point]:
+    """Every point of the spec, each config loaded and validated (what `run_sweep` and
+    `sweep --dry-run` check before any training: a typo or a bad value fails here)."""
+    points = plan(spec)
+    for p in points:
+        try:
+            p.config()  # the parent link is a path that need not exist yet: not checked here
+        except ConfigError as err:
+            raise SweepError(f"sweep point {p.stage}/{p.id}: {err}") from None
+    return points
+
+
+def _run_stages(
+    spec: Spec,
+    points: list[Point],
+    workers: int,
+    notebook: bool,
+    stages: Iterable[str] | None,
+    executor: Any,
+    log: Callable[[str], None],
+) -> pd.DataFrame:
     names = [s.name for s in spec.stages]
     wanted = set(stages) if stages is not None else set(names)
     if wanted - set(names):
         raise SweepError(
             f"no stage {', '.join(sorted(wanted - set(names)))} in the sweep (stages: {', '.join(names)})"
         )
-    points = plan(spec)
-    for p in points:  # fail before any training on a typo or a bad value
-        try:
-            p.config()  # the parent link is a path that need not exist yet: not checked here
-        except ConfigError as err:
-            raise SweepError(f"sweep point {p.stage}/{p.id}: {err}") from None
     parents, valid = _parents(points), _validator(points)
     records: dict[tuple[str, str], dict[str, Any]] = {}
 

@@ -34,10 +34,9 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 from .. import config as config_lib, methods as methods_lib
 from ..config import ConfigError
+from ..fileio import read_yaml
 
 STAGE_KEYS = ("base", "set", "grid", "after", "out")
 Overrides = tuple[tuple[str, Any], ...]  # (dotted key, value) pairs, applied in order
@@ -86,7 +85,7 @@ def load_spec(source: str | Path | Mapping[str, Any] | Spec) -> Spec:
         path = Path(source)
         if not path.is_file():
             raise SweepError(f"sweep spec {path} does not exist")
-        source = yaml.safe_load(path.read_text()) or {}
+        source = read_yaml(path) or {}
     raw = source.get("sweep", source) if isinstance(source, Mapping) else source
     if not isinstance(raw, Mapping) or "out" not in raw:
         raise SweepError(

@@ -19,6 +19,8 @@ from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
+from .. import locks
+from ..fileio import is_no_space, no_space_message, remove_temporaries
 from ..progress import Progress
 from .corpora import iter_documents
 from .tokenizer import Tokenizer
@@ -61,6 +63,35 @@ def binarize(
         docs = list(docs)
         docs = [docs[i] for i in np.random.default_rng(seed).permutation(len(docs))]
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    with locks.hold(out_path.with_name(f".{out_path.name}.lock"), f"token file {out_path}"):
+        # holding the lock, any temporary of this file is a killed binarize's leftover
+        remove_temporaries(
+            out_path.parent, [f"{out_path.name}.tmp-*", f"{sidecar_path(out_path).name}.tmp-*"]
+        )
+        try:
+            return _binarize_locked(
+                tok, docs, corpus, out_path, dataset_id, max_tokens, shuffle_documents, seed, batch_documents
+            )
+        except OSError as err:
+            if is_no_space(err):
+                raise TokenFileError(
+                    f"cannot write {out_path}: {no_space_message(out_path.parent)}"
+                ) from None
+            raise
+
+
+def _binarize_locked(
+    tok: Tokenizer,
+    docs: Iterable[str],
+    corpus: str,
+    out_path: Path,
+    dataset_id: int,
+    max_tokens: int | None,
+    shuffle_documents: bool,
+    seed: int,
+    batch_documents: int,
+) -> dict:
+    """binarize()'s writing part, called holding the token file's lock."""
     tmp_bin = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     tmp_json = out_path.with_name(f"{sidecar_path(out_path).name}.tmp-{os.getpid()}")
     try:

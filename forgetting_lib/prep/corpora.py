@@ -275,34 +275,62 @@ def _iter_files(pattern: str) -> Iterator[str]:
     return chain.from_iterable(readers[path.suffix](path) for path in paths)
 
 
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file; a byte that is not UTF-8 is a CorpusError naming where."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from f
+    except UnicodeDecodeError:
+        raise CorpusError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is (offset, line), and how to fix the file."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0  # offset: bytes of whole chunks
+    lines = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            held = decoder.getstate()[0]  # the tail of the previous chunk, decoded with this one
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                bad = offset - len(held) + err.start  # err.start counts in held + chunk
+                line = lines + (held + chunk)[: err.start].count(b"\n") - held.count(b"\n")
+                return (
+                    f"{path}: byte {bad:,} (line {line}) is not UTF-8 ({err.reason}); convert the "
+                    f"file, e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt, or leave it out of the glob"
+                )
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+    return f"{path}: not UTF-8 text; convert it to UTF-8"
+
+
 def _read_txt(path: Path) -> Iterator[str]:
     """Documents are blocks of lines separated by one or more blank (whitespace-only) lines."""
     block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line.rstrip("\n"))
-            elif block:
-                yield "\n".join(block)
-                block = []
+    for line in _lines(path):
+        if line.strip():
+            block.append(line.rstrip("\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
     if block:
         yield "\n".join(block)
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CorpusError(
-                    f"{path}:{number}: each line must be a JSON object with a string 'text' field"
-                )
-            yield row["text"]
+    for number, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{number}: not valid JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise CorpusError(f"{path}:{number}: each line must be a JSON object with a string 'text' field")
+        yield row["text"]
 
 
 def _read_parquet(path: Path) -> Iterator[str]:

@@ -148,18 +148,20 @@ def train_sequence(
     """
     runtime.configure()
     run_dir = Path(out_dir) / cfg.name
-    if not overwrite and runs.is_finished(run_dir):
-        runs.prepare_run_dir(cfg.to_dict(), run_dir, resume=True, overwrite=False)  # same config?
-        return ToyResult(run_dir, cfg.tasks, runs.read_summary(run_dir))
-    runs.prepare_run_dir(cfg.to_dict(), run_dir, resume=False, overwrite=True)
-    loop = _Loop(cfg, run_dir, on_eval)
-    loop.evaluate(0, [])
-    with Progress(
-        f"toy {cfg.name}", total=len(cfg.tasks) * cfg.steps_per_task, unit="step", enabled=cfg.progress
-    ) as bar:
-        for stage in range(len(cfg.tasks)):
-            loop.train_task(stage, bar)
-    return _finish(cfg, run_dir, loop.clock, time.perf_counter() - loop.start)
+    with runs.lock(run_dir):  # one writer per run folder
+        if not overwrite and runs.is_finished(run_dir):
+            runs.prepare_run_dir(cfg.to_dict(), run_dir, resume=True, overwrite=False)  # same config?
+            return ToyResult(run_dir, cfg.tasks, runs.read_summary(run_dir))
+        runs.prepare_run_dir(cfg.to_dict(), run_dir, resume=False, overwrite=True)
+        runs.write_config(run_dir, cfg.to_dict())
+        loop = _Loop(cfg, run_dir, on_eval)
+        loop.evaluate(0, [])
+        with Progress(
+            f"toy {cfg.name}", total=len(cfg.tasks) * cfg.steps_per_task, unit="step", enabled=cfg.progress
+        ) as bar:
+            for stage in range(len(cfg.tasks)):
+                loop.train_task(stage, bar)
+        return _finish(cfg, run_dir, loop.clock, time.perf_counter() - loop.start)
 
 
 class _Loop:
