@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 from .engine.checkpoint import CheckpointError
 from .engine.data import DataError
 from .experiments.notebooks import NotebookError
-from .fileio import FileFormatError, is_no_space
+from .fileio import FileFormatError, is_no_space, no_space_message
 from .locks import LockedError
 from .prep.binarize import TokenFileError
 from .prep.corpora import CorpusError
@@ -257,12 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if debug or not is_no_space(err):
             raise
-        where = f" writing {err.filename}" if err.filename else ""
-        print(
-            f"error: no space left on the device{where}: {err.strerror}; free some space and "
-            f"rerun (--resume for train; everything already saved is kept)",
-            file=sys.stderr,
-        )
+        folder = Path(err.filename).parent if err.filename else Path.cwd()
+        what = f" writing {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror}{what}: {no_space_message(folder)}", file=sys.stderr)
         return 2
     return 0
 

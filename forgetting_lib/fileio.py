@@ -93,16 +93,13 @@ def is_no_space(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def remove_temporaries(folder: str | Path, patterns: Iterable[str], *, writer_alive=None) -> list[Path]:
+def remove_temporaries(folder: str | Path, patterns: Iterable[str]) -> list[Path]:
     """Delete files and folders in `folder` matching the glob `patterns` (leftovers of killed
-    writers); returns what was removed. `writer_alive(path) -> bool`, where given, keeps the
-    temporaries whose writer still runs (the caller holds no lock that excludes it)."""
+    writers; call it holding the lock that excludes live ones); returns what was removed."""
     removed = []
     for pattern in patterns:
         for name in glob.glob(glob.escape(str(folder)) + os.sep + pattern):
             path = Path(name)
-            if writer_alive is not None and writer_alive(path):
-                continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -168,8 +168,3 @@ def wait_until_free(
             log(f"{what} is in use by {describe(read_holder(lock_file))}; waiting for it")
             announced = True
         time.sleep(poll_s)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this host exists (for temporaries named by their writer's pid)."""
-    return _alive({"pid": pid, "host": socket.gethostname()})

@@ -29,7 +29,6 @@ import pandas as pd
 import yaml
 
 from . import config as config_lib, locks
-from .config import PATH_KEYS
 from .fileio import FileFormatError, atomic_write_json, atomic_write_text, read_yaml, remove_temporaries
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint"
@@ -120,7 +119,7 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return config_lib.paths_resolved_from(raw, run_dir)
 
 
-def same_path(a: str, b: str) -> bool:
+def _same_path(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b) if a and b else a == b
 
 
@@ -218,12 +217,12 @@ def prepare_run_dir(
         # parent.* is derived from the parent: a key a later version records is taken as matching
         missing = {k: new[k] if k.startswith("parent.") else v for k, v in flat_defaults.items() if k in new}
         old = {**missing, **old}
-    paths = set(PATH_KEYS)
+    paths = set(config_lib.PATH_KEYS)
     differ = sorted(
         k
         for k in new.keys() | old.keys()
         if k != "log.progress"
-        and not (same_path(new.get(k), old.get(k)) if k in paths else new.get(k) == old.get(k))
+        and not (_same_path(new.get(k), old.get(k)) if k in paths else new.get(k) == old.get(k))
     )
     if differ:
         details = "; ".join(f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in differ[:4])

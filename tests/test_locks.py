@@ -57,18 +57,23 @@ train.train_and_evaluate(cfg, sys.argv[2], resume=True, on_eval=lambda row: time
 """
 
 
+def start_until(argv: list[str], ready, what: str) -> subprocess.Popen:
+    """Start `argv` and wait (up to 120 s) until `ready()`; fails with the process's output if it
+    exits first."""
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert child.poll() is None, child.communicate()[0].decode()[-3000:]
+        assert time.monotonic() < deadline, f"the process never {what}"
+        time.sleep(0.05)
+    return child
+
+
 def start_holder(params: Path, run_dir: Path, pause: float = 3.0) -> subprocess.Popen:
     """A training process that has taken the folder's lock (waits until it has)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", SLOW_TRAIN, str(params), str(run_dir), str(pause)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while not (locks.read_holder(run_dir / runs.LOCK) or {}).get("pid") == child.pid:
-        assert child.poll() is None, child.communicate()[0].decode()[-3000:]
-        assert time.monotonic() < deadline, "the holder never took the lock"
-        time.sleep(0.05)
+    argv = [sys.executable, "-c", SLOW_TRAIN, str(params), str(run_dir), str(pause)]
+    child = start_until(argv, lambda: locks.read_holder(run_dir / runs.LOCK) is not None, "took the lock")
+    assert locks.read_holder(run_dir / runs.LOCK)["pid"] == child.pid
     return child
 
 
@@ -117,17 +122,9 @@ def test_two_sweeps_on_one_spec_the_second_refuses_and_a_shared_point_is_waited_
     spec = {"out": str(tmp_path / "a"), "base": base, "grid": {"run.seed": [0]}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     point = tmp_path / "a" / "runs" / "seed=0"
-    holder = subprocess.Popen(
-        [sys.executable, "-m", "forgetting_lib", "sweep", str(tmp_path / "spec.yaml"), "--no-notebook"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    argv = [sys.executable, "-m", "forgetting_lib", "sweep", str(tmp_path / "spec.yaml"), "--no-notebook"]
+    holder = start_until(argv, (point / runs.METRICS).exists, "started training the point")
     try:
-        deadline = time.monotonic() + 120
-        while not (point / runs.METRICS).exists():
-            assert holder.poll() is None, holder.communicate()[0].decode()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         assert cli_main(["sweep", str(tmp_path / "spec.yaml"), "--no-notebook"]) == 2
         # another spec sharing the stage folder waits for the point, then finds it done
         shared = {"base": base, "grid": {"run.seed": [0]}, "out": str(tmp_path / "a" / "runs")}

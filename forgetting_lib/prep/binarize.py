@@ -68,64 +68,46 @@ def binarize(
         remove_temporaries(
             out_path.parent, [f"{out_path.name}.tmp-*", f"{sidecar_path(out_path).name}.tmp-*"]
         )
+        tmp_bin = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
+        tmp_json = out_path.with_name(f"{sidecar_path(out_path).name}.tmp-{os.getpid()}")
         try:
-            return _binarize_locked(
-                tok, docs, corpus, out_path, dataset_id, max_tokens, shuffle_documents, seed, batch_documents
-            )
+            with open(tmp_bin, "wb") as f, Progress(f"binarize {corpus}", max_tokens, "tok") as progress:
+                num_tokens, num_docs = _write_tokens(docs, tok, f, max_tokens, batch_documents, progress)
+            if num_docs == 0:
+                raise TokenFileError(
+                    f"corpus {corpus!r} yielded no documents; nothing to binarize "
+                    "(check the spec: empty files? wrong split?)"
+                )
+            sidecar = {
+                "format": FORMAT,
+                "dtype": "uint16",
+                "num_tokens": num_tokens,
+                "num_documents": num_docs,
+                "dataset_id": dataset_id,
+                "dataset_token": tok.dataset_token(dataset_id),
+                "corpus": corpus,
+                "tokenizer_fingerprint": tok.fingerprint,
+                "tokenizer_dir": str(tok.directory.resolve()),
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "max_tokens": max_tokens,
+                "shuffle_documents": shuffle_documents,
+                "seed": seed,
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            tmp_json.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+            sidecar_path(out_path).unlink(missing_ok=True)  # from here the old pair is invalid
+            os.replace(tmp_bin, out_path)
+            os.replace(tmp_json, sidecar_path(out_path))
         except OSError as err:
             if is_no_space(err):
                 raise TokenFileError(
                     f"cannot write {out_path}: {no_space_message(out_path.parent)}"
                 ) from None
             raise
-
-
-def _binarize_locked(
-    tok: Tokenizer,
-    docs: Iterable[str],
-    corpus: str,
-    out_path: Path,
-    dataset_id: int,
-    max_tokens: int | None,
-    shuffle_documents: bool,
-    seed: int,
-    batch_documents: int,
-) -> dict:
-    """binarize()'s writing part, called holding the token file's lock."""
-    tmp_bin = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
-    tmp_json = out_path.with_name(f"{sidecar_path(out_path).name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp_bin, "wb") as f, Progress(f"binarize {corpus}", max_tokens, "tok") as progress:
-            num_tokens, num_docs = _write_tokens(docs, tok, f, max_tokens, batch_documents, progress)
-        if num_docs == 0:
-            raise TokenFileError(
-                f"corpus {corpus!r} yielded no documents; nothing to binarize "
-                "(check the spec: empty files? wrong split?)"
-            )
-        sidecar = {
-            "format": FORMAT,
-            "dtype": "uint16",
-            "num_tokens": num_tokens,
-            "num_documents": num_docs,
-            "dataset_id": dataset_id,
-            "dataset_token": tok.dataset_token(dataset_id),
-            "corpus": corpus,
-            "tokenizer_fingerprint": tok.fingerprint,
-            "tokenizer_dir": str(tok.directory.resolve()),
-            "vocab_size": tok.vocab_size,
-            "eos_id": tok.eos_id,
-            "max_tokens": max_tokens,
-            "shuffle_documents": shuffle_documents,
-            "seed": seed,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        tmp_json.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-        sidecar_path(out_path).unlink(missing_ok=True)  # from here the old pair is invalid
-        os.replace(tmp_bin, out_path)
-        os.replace(tmp_json, sidecar_path(out_path))
-    finally:
-        tmp_bin.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
+        finally:
+            tmp_bin.unlink(missing_ok=True)
+            tmp_json.unlink(missing_ok=True)
     return sidecar
 
 
