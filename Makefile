@@ -28,11 +28,13 @@ reproduce: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: setup
+bench: quickstart  # finetune_wall and cold_start use its data and parent (reused when present)
 	$(BIN)/python -m benchmarks.tokenize
 	$(BIN)/python -m benchmarks.train_throughput
 	$(BIN)/python -m benchmarks.replay_overhead
 	$(BIN)/python -m benchmarks.sampling
+	$(BIN)/python -m benchmarks.finetune_wall
+	$(BIN)/python -m benchmarks.cold_start
 
 clean:
 	rm -rf outputs/quickstart

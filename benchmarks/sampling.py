@@ -1,7 +1,10 @@
 """Self-generated replay throughput: sampled tokens per second of `make_sampler` (KV cache,
 temperature 1, prompt = one dataset-id token, T - 1 sampled tokens per row).
 
-    python -m benchmarks.sampling [--sizes tutorial32,tutorial128,default64] [--dtypes float32,bfloat16]
+Rows per call matter: self-generated replay samples several replay chunks per call
+(`replay.auto_chunks_per_call`, about `replay.SAMPLE_ROWS` rows), where decoding runs faster.
+
+    python -m benchmarks.sampling [--sizes tutorial32,tutorial128,...] [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from forgetting_lib.engine.sampling import make_sampler, sample_from_id
 SIZES = {  # name: (D, L, H, T, batch)
     "tutorial32": (128, 4, 32, 128, 32),
     "tutorial128": (128, 4, 32, 128, 128),
+    "tutorial256": (128, 4, 32, 128, 256),  # replay.SAMPLE_ROWS: one call's rows on a CPU
+    "tutorial512": (128, 4, 32, 128, 512),
     "default64": (256, 6, 64, 256, 64),
 }
 

@@ -121,8 +121,10 @@ class LogConfig:
     every_tokens: int = 100_000  # evaluate every this many training tokens
     checkpoint_every_tokens: int | None = None  # also checkpoint this often (None: only at the end)
     progress: bool = True  # show a progress bar / periodic progress lines
-    eval_kl: bool = True  # finetuning: also evaluate KL to the parent (metrics
-    # *_kl; a teacher forward per eval set, ~2x eval cost)
+    eval_kl: bool = True  # finetuning: also evaluate KL to the parent (metrics *_kl)
+    teacher_cache_mb: float = 4096  # memory for the parent's side of that KL, computed once per run:
+    # per eval set its next-token probabilities (4 V bytes/token) if they fit, else its hidden
+    # states (4 D bytes/token), else none (a parent forward at every evaluation, ~2x eval cost)
 
 
 @dataclass(frozen=True)
@@ -400,6 +402,7 @@ def validate(cfg: Config) -> None:
             f"stop.{name}={value} must be positive",
         )
     _check(cfg.log.every_tokens > 0, "log.every_tokens", "log.every_tokens must be positive")
+    _check(cfg.log.teacher_cache_mb >= 0, "log.teacher_cache_mb", "log.teacher_cache_mb must be >= 0")
     _validate_finetuning(cfg)
 
 

@@ -23,13 +23,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-import pandas as pd
 import yaml
 
 from . import config as config_lib, locks
 from .fileio import FileFormatError, atomic_write_json, atomic_write_text, read_yaml, remove_temporaries
+
+if TYPE_CHECKING:  # pandas loads on first use: a training process never needs it (0.3 s)
+    import pandas as pd
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint"
 LOCK = ".lock"
@@ -157,6 +159,8 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     `tokens`, `valid_ntp`, ...), `status` and `stop_reason` from the summary, and every config
     value as a dotted column (`opt.lr`, `model.D`, ...).
     """
+    import pandas as pd
+
     roots = [paths] if isinstance(paths, (str, Path)) else list(paths)
     frames = []
     for run_dir in (r for root in roots for r in find_runs(root)):
@@ -272,6 +276,8 @@ def final_table(
 ) -> pd.DataFrame:
     """One row per run found under `paths`, indexed by run name: status, stop reason, tokens,
     pure train-step time and the final evaluation's `columns` (NaN where a run lacks one)."""
+    import pandas as pd
+
     roots = [paths] if isinstance(paths, (str, Path)) else list(paths)
     records = []
     for run_dir in (r for root in roots for r in find_runs(root)):

@@ -27,7 +27,9 @@ def configure(cache_dir: str | Path | None = None) -> None:
         cache_dir or os.environ.get("FORGETTING_JAX_CACHE", Path.home() / ".cache" / "forgetting_lib" / "jax")
     )
     jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # every program, however quick to compile: a run's ~30 small ones (parameter init, the
+    # parent's copy, metrics) cost ~0.25 s more with a 0.1 s threshold (benchmarks/cold_start.py)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def keep_host_allocations() -> bool:

@@ -250,6 +250,26 @@ def test_eval_kl_off_skips_only_the_kl_metrics(world, kl_real):
             assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-6)), key
 
 
+def test_teacher_cache_budget_changes_no_number(world, kl_real):
+    """With no memory for the parent's cached outputs, evaluation re-runs the parent each time
+    (the `params` form); every logged number is the one the cached parent gave."""
+    recomputed = metrics(world.finetune("kl_pre_real_no_cache", {**KL, "log.teacher_cache_mb": 0}))
+    cached = metrics(kl_real)
+    assert [r["step"] for r in recomputed] == [r["step"] for r in cached]
+    for a, b in zip(recomputed, cached):
+        for key in ("valid_kl", "prev_kl", "valid_ntp", "prev_ntp", "train_reg"):
+            assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-5, abs=1e-7)), key
+    assert cached[0]["valid_kl"] == 0.0 and cached[0]["prev_kl"] == 0.0  # step 0: the model is the parent
+
+
+def test_summary_counts_sampled_rows(plain, kl_real, kl_synth):
+    result, used = kl_synth
+    assert runs.read_summary(plain.out_dir)["sampled_rows"] == 0
+    assert runs.read_summary(kl_real.out_dir)["sampled_rows"] == 0
+    sampled = runs.read_summary(result.out_dir)["sampled_rows"]
+    assert sampled == used.sampled_rows and sampled >= FT_STEPS * used.batch_size
+
+
 # --- every method at coefficient 0 is plain finetuning ----------------------------------------
 
 # every regulariser of the registry (real rows), and one on self-generated rows
@@ -345,9 +365,19 @@ def test_self_generated_rows(frozen_parent):
     assert follows.mean() > 0.5  # the data: 0.8; a uniform sampler: 1/60
 
 
+def test_auto_chunks_per_call_fills_a_call_within_bounds():
+    target = replay_lib.SAMPLE_ROWS  # the CPU's rows per call
+    assert replay_lib.auto_chunks_per_call(32, None, 1) == target // 32  # unknown length: fill a call
+    assert replay_lib.auto_chunks_per_call(32, 3, 1) == 3  # never past the run's last chunk
+    assert replay_lib.auto_chunks_per_call(4 * target, None, 1) == 1  # a chunk bigger than a call
+    per_row = replay_lib.SAMPLE_CACHE_BYTES // 64  # a KV cache that allows only 64 rows
+    assert replay_lib.auto_chunks_per_call(32, None, per_row) == 2
+
+
 def test_self_generated_replay_samples_the_frozen_parent(world, kl_synth):
     """Rows sampled during training (after the trained model has moved away from the parent)
-    equal rows sampled afterwards from the parent checkpoint read from disk."""
+    equal rows sampled afterwards from the parent checkpoint read from disk, one chunk per call
+    where the run sampled several chunks per call."""
     result, used = kl_synth
     assert sorted(used.seen) == list(range(FT_STEPS))
     parent_params = load_parent(resolve(world.child_config(SYNTH))).params
@@ -359,8 +389,8 @@ def test_self_generated_replay_samples_the_frozen_parent(world, kl_synth):
         T,
         used.buffer,
         used.key,
-        _sampler=used._sampler,
     )
+    assert used.chunks_per_call > 1 and fresh.chunks_per_call == 1
     for step, rows in used.seen.items():
         assert np.all(rows[:, 0] == OLD_TOKEN)
         np.testing.assert_array_equal(fresh.batch(step), rows, err_msg=f"step {step}")

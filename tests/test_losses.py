@@ -131,3 +131,32 @@ def test_fused_kl_and_ntp_equal_unfused(monkeypatch, chunk):
     assert float(jnp.min(kl)) > 0
     g = jax.jit(jax.grad(lambda t: jnp.mean(losses.kl_from_hidden((t, w_t), h, w, tokens)[1])))(h_t)
     np.testing.assert_array_equal(g, 0.0)  # the teacher is frozen
+
+
+def test_kl_from_cached_teacher_equals_kl_per_position():
+    t, s = random_logits(3), random_logits(4)
+    cached = jax.jit(losses.cached_teacher)(t)[0]
+    assert cached.probs.shape == SHAPE and cached.negent.shape == SHAPE[:2]
+    np.testing.assert_allclose(cached.probs.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(losses.kl_from_cached)(cached, s), kl_pp(t, s), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(losses.kl_from_cached)(cached, t), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [5, 512])
+def test_chunked_kl_to_a_cached_teacher_equals_recomputing_it(monkeypatch, chunk):
+    monkeypatch.setattr(losses, "chunk_rows", lambda: chunk)
+    B, T, D, V = 2, 9, 8, 30
+    keys = jax.random.split(jax.random.key(1), 5)
+    h, h_t = (jax.random.normal(k, (B, T, D), jnp.float32) for k in keys[:2])
+    w, w_t = (jax.random.normal(k, (D, V), jnp.float32) for k in keys[2:4])
+    tokens = jax.random.randint(keys[4], (B, T), 0, V, dtype=jnp.int32)
+
+    @jax.jit
+    def both(h, w, h_t, w_t, tokens):
+        cached = losses.cached_teacher(jnp.einsum("btd,dv->btv", h_t, w_t))[0]
+        return losses.chunked_stats(h, w, tokens, cached), losses.chunked_stats(h, w, tokens, (h_t, w_t))
+
+    (ntp, kl), (ntp_ref, kl_ref) = both(h, w, h_t, w_t, tokens)
+    np.testing.assert_array_equal(ntp, ntp_ref)
+    np.testing.assert_allclose(kl, kl_ref, atol=1e-4, rtol=1e-5)
+    assert float(jnp.min(kl)) > 0

@@ -1,5 +1,7 @@
 """Sampler invariants on a tiny model: prompt kept, determinism, cache path = full forward,
-temperature limits, EOS padding, the sampled distribution, and one trace per shape."""
+temperature limits, EOS padding, the sampled distribution (exact inverse-CDF draws, and the same
+token statistics as `jax.random.categorical` on full forwards), key groups, and one trace per
+shape."""
 
 from __future__ import annotations
 
@@ -110,6 +112,79 @@ def test_sampled_distribution_matches_softmax(model):
     probs = np.asarray(jax.nn.softmax(jax.jit(make_forward(graphdef))(params, x[:1])[0, -1]))
     assert 0.5 * np.abs(probs - 1 / CFG.V).sum() > 0.3  # the target is far from uniform
     assert 0.5 * np.abs(freqs - probs).sum() < 0.04  # total variation (~0.015 expected from n)
+
+
+def test_inverse_cdf_draws_the_softmax():
+    V, n = 50, 100_000
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (V,), jnp.float32)
+    logits = logits.at[7].set(-jnp.inf).at[8].set(-200.0)  # probability 0 and ~1e-88
+    u = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n  # one uniform in each 1/n slice of [0, 1)
+    draws = jax.jit(sampling.inverse_cdf)(jnp.tile(logits, (n, 1)), u)
+    counts = np.bincount(np.asarray(draws), minlength=V)
+    expected = n * np.asarray(jax.nn.softmax(logits))
+    # stratified uniforms: each token gets its share of the slices, up to one slice and rounding
+    np.testing.assert_allclose(counts, expected, atol=1.0 + 1e-4 * n)
+    assert counts[7] == 0 and counts[8] == 0
+    edges = jax.jit(sampling.inverse_cdf)(jnp.tile(logits, (2, 1)), jnp.array([0.0, 1.0 - 2**-24]))
+    assert 0 <= int(edges.min()) and int(edges.max()) < V
+    # the smallest uniform skips leading tokens of probability 0
+    leading = jnp.full((V,), 1.0).at[:3].set(-jnp.inf)
+    assert int(sampling.inverse_cdf(leading[None], jnp.zeros(1))[0]) == 3
+
+
+def reference_rows(graphdef, params, x: jax.Array, length: int, key: jax.Array, temperature: float = 1.0):
+    """Rows sampled the straightforward way: a full forward over the prefix at every position and
+    `jax.random.categorical` (Gumbel-max over all V logits), no cache."""
+    forward = jax.jit(make_forward(graphdef))
+    rows = x
+    for t in range(x.shape[1], length):
+        logits = forward(params, jnp.pad(rows, ((0, 0), (0, length - t))))[:, t - 1]  # [B, V]
+        nxt = jax.random.categorical(jax.random.fold_in(key, t), logits / temperature, axis=-1)
+        rows = jnp.concatenate([rows, nxt.astype(jnp.int32)[:, None]], axis=1)
+    return rows
+
+
+def test_same_token_statistics_as_categorical_sampling(model):
+    graphdef, params = model
+    n, length = 4096, 6
+    x = jnp.full((n, 1), 3, jnp.int32)
+
+    def unigram(rows):  # pooled over the sampled positions 1..length-1 [V]
+        return np.bincount(np.asarray(rows[:, 1:]).ravel(), minlength=CFG.V) / (n * (length - 1))
+
+    def bigram_tv(a, b):  # TV distance of (position 1, position 2) pairs [V * V]
+        pairs = [np.bincount(np.asarray(r[:, 1] * CFG.V + r[:, 2]), minlength=CFG.V**2) / n for r in (a, b)]
+        return 0.5 * np.abs(pairs[0] - pairs[1]).sum()
+
+    ours = make_sampler(graphdef, length=length)(params, x, jax.random.key(5))
+    theirs = reference_rows(graphdef, params, x, length, jax.random.key(6))
+    again = reference_rows(graphdef, params, x, length, jax.random.key(7))
+    hot = reference_rows(graphdef, params, x, length, jax.random.key(6), temperature=1.5)
+    tv = lambda a, b: 0.5 * np.abs(unigram(a) - unigram(b)).sum()  # noqa: E731
+    noise = tv(theirs, again)  # two samples of the same distribution
+    assert tv(ours, theirs) < max(2 * noise, 0.04)
+    assert tv(hot, theirs) > 0.1  # a different distribution is detected
+    assert bigram_tv(ours, theirs) < 1.3 * bigram_tv(theirs, again) + 0.02
+
+
+def test_key_groups_equal_separate_calls(model, free):
+    """G keys sample G groups of rows in one call, each equal to a call with its own key."""
+    _, params = model
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(4), i))(jnp.arange(3))
+    x = prompt(12, 1, seed=3)
+    together = np.asarray(free(params, x, keys))
+    for g in range(3):
+        alone = free(params, x[4 * g : 4 * g + 4], keys[g])
+        np.testing.assert_array_equal(together[4 * g : 4 * g + 4], alone)
+    with pytest.raises(ValueError, match="equal key groups"):
+        free(params, prompt(10, 1), keys)
+
+
+def test_segment_ends():
+    assert sampling.segment_ends(1, 128) == [32, 64, 96, 128]
+    assert sampling.segment_ends(100, 128) == [100, 128]
+    assert sampling.segment_ends(3, 5) == [3, 4, 5]
+    assert sampling.segment_ends(1, 3, segments=8) == [1, 2, 3]
 
 
 def test_traced_once_per_shape(model, monkeypatch):

@@ -18,7 +18,7 @@ import optax
 
 from .. import config as config_lib
 from . import data as data_lib, lora as lora_lib, model as model_lib, regularisers, replay as replay_lib
-from .evaluate import make_evaluator
+from .evaluate import make_evaluator, make_teacher_pass, teacher_forms
 from .finetune import Parent, load_parent
 from .step import auto_microbatches, full_params, make_objective, make_optimizer, make_train_step
 
@@ -45,6 +45,10 @@ class Setup:
     replay_rows: int = 0  # rows drawn from `replay` each step
     ctx: dict[str, Any] = field(default_factory=dict)  # frozen parent / Fisher for the step
     compiled: dict[str, Callable] = field(default_factory=dict)
+    # KL to the parent in evaluation (log.eval_kl): per eval set, the form of the parent's cached
+    # side (evaluate.TEACHER_FORMS) and, once computed, the cache itself
+    teacher_forms: dict[str, str] = field(default_factory=dict)
+    teacher_cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lora(self) -> bool:
@@ -121,6 +125,9 @@ def build_setup(cfg: config_lib.Config) -> Setup:
     )
     if m.load_path:
         _attach_parent(setup, eval_rows, replace_rows)
+        if cfg.log.eval_kl:
+            shapes = {k: t.shape for k, (t, _) in setup.eval_sets.items()}
+            setup.teacher_forms = teacher_forms(shapes, m.D, m.V, cfg.log.teacher_cache_mb)
     setup.eval_sets = {k: (jnp.asarray(t), jnp.asarray(msk)) for k, (t, msk) in setup.eval_sets.items()}
     return setup
 
@@ -180,6 +187,11 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
             r.buffer,
             jax.random.fold_in(jax.random.key(cfg.run.seed), KEY_REPLAY),
             r.temperature,
+            replay_lib.auto_chunks_per_call(
+                r.buffer * source_rows,
+                None if setup.total_steps is None else math.ceil(setup.total_steps / r.buffer),
+                model_lib.kv_cache_bytes(cfg.model, cfg.data.T),
+            ),
         )
     else:
         if len(prev.train_rows) < source_rows:
@@ -211,13 +223,9 @@ def _check_tokenizer(rows: data_lib.TokenRows, expected: str, whose: str) -> Non
         )
 
 
-def eval_teacher(setup: Setup) -> Any:
-    """The frozen parent when evaluation reports KL to it (finetuning with log.eval_kl), else None."""
-    return setup.ctx.get("frozen") if setup.cfg.log.eval_kl else None
-
-
 def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
-    """Ahead-of-time compile the train step and evaluators; returns compile seconds."""
+    """Ahead-of-time compile the train step, the evaluators, the parent's passes that fill the
+    evaluation's teacher cache, and the replay sampler; returns compile seconds."""
     start = time.perf_counter()
     hidden = model_lib.make_hidden(setup.graphdef)
     d, r = setup.cfg.data, setup.cfg.reg
@@ -233,9 +241,16 @@ def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
         .compile()
     )
     setup.compiled["materialize"] = jax.jit(materialize)
-    teacher = eval_teacher(setup)
-    evaluator = make_evaluator(hidden, with_teacher=teacher is not None)
     params = jax.eval_shape(materialize, trainable, setup.ctx)
     for name, (tokens, mask) in setup.eval_sets.items():
-        setup.compiled[f"eval_{name}"] = evaluator.lower(params, teacher, tokens, mask).compile()
+        form = setup.teacher_forms.get(name)
+        teacher_in = setup.ctx["frozen"] if form == "params" else None
+        if form in ("probs", "hidden"):
+            teacher_pass = make_teacher_pass(hidden, form).lower(setup.ctx["frozen"], tokens, mask).compile()
+            setup.compiled[f"teacher_{name}"] = teacher_pass
+            teacher_in = teacher_pass.out_info[1]  # the cache's shapes
+        evaluator = make_evaluator(hidden, form)
+        setup.compiled[f"eval_{name}"] = evaluator.lower(params, teacher_in, tokens, mask).compile()
+    if isinstance(setup.replay, replay_lib.SelfGeneratedReplay):
+        setup.replay.compile()
     return time.perf_counter() - start

@@ -8,6 +8,7 @@ no target and is excluded. Per-position values are returned so callers can avera
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,37 @@ def kl_per_position(teacher_logits: jax.Array, student_logits: jax.Array) -> jax
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+
+
+class CachedTeacher(NamedTuple):
+    """The frozen model's next-token distribution at every position, computed once and reused
+    (evaluation's KL to the parent, whose rows never change)."""
+
+    probs: jax.Array  # [..., V] float32: p = softmax(teacher logits)
+    negent: jax.Array  # [...] float32: sum_v p log p (minus the entropy)
+
+
+def cached_teacher(teacher_logits: jax.Array) -> tuple[CachedTeacher, jax.Array]:
+    """CachedTeacher of teacher logits [..., V], and the log-probabilities [..., V] it came from
+    (one exponential per logit)."""
+    shifted = teacher_logits.astype(jnp.float32)
+    shifted = shifted - jnp.max(shifted, axis=-1, keepdims=True)
+    weights = jnp.exp(shifted)  # [..., V]
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    log_probs = shifted - jnp.log(total)
+    probs = weights / total
+    return CachedTeacher(probs, jnp.sum(probs * log_probs, axis=-1)), log_probs
+
+
+def kl_from_cached(
+    teacher: CachedTeacher, student_logits: jax.Array, student_lse: jax.Array | None = None
+) -> jax.Array:
+    """KL(p_teacher || p_student) [...] from the cached teacher and student logits [..., V]:
+    sum_v p (log p - log q) = negent - sum_v p s_v + logsumexp(s), since sum_v p = 1; equal to
+    `kl_per_position` to float rounding. Pass the student's logsumexp [...] if already computed."""
+    s = student_logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(s, axis=-1) if student_lse is None else student_lse
+    return teacher.negent - jnp.sum(teacher.probs * s, axis=-1) + lse
 
 
 def kl_loss(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
@@ -70,25 +102,24 @@ def chunked_stats(
     hidden: jax.Array,
     unembed: jax.Array,
     tokens: jax.Array,
-    teacher: tuple[jax.Array, jax.Array] | None = None,
+    teacher: tuple[jax.Array, jax.Array] | CachedTeacher | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-position NTP (and KL to `teacher` if given) over chunks of `chunk_rows()` positions.
 
-    Each chunk is processed under `jax.checkpoint`, so the backward pass recomputes its [R, V]
-    logits instead of storing [B, T, V] of them.
+    `teacher` is the frozen model's (hidden [B, T, D], unembed [D, V]), whose logits each chunk
+    recomputes, or its `CachedTeacher` ([B, T, V] probabilities, [B, T] negentropy). Each chunk
+    is processed under `jax.checkpoint`, so the backward pass recomputes its [R, V] logits
+    instead of storing [B, T, V] of them.
     """
     B, T, D = hidden.shape
-    n = B * T
-    rows = min(chunk_rows(), n)
-    n_chunks = math.ceil(n / rows)
-    pad = n_chunks * rows - n
-
-    def split(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [C, R, ...], zero-padded
-        flat = x.reshape(n, *x.shape[2:])
-        return jnp.pad(flat, [(0, pad)] + [(0, 0)] * (flat.ndim - 1)).reshape(n_chunks, rows, *x.shape[2:])
-
+    split = _splitter(B * T)
     targets = split(jnp.roll(tokens, -1, axis=1))  # position t is scored against token t+1
-    xs = (split(hidden), targets) + ((split(teacher[0]),) if teacher is not None else ())
+    cached = isinstance(teacher, CachedTeacher)
+    xs = (split(hidden), targets)
+    if cached:
+        xs += (CachedTeacher(split(teacher.probs), split(teacher.negent)),)
+    elif teacher is not None:
+        xs += (split(teacher[0]),)
 
     @jax.checkpoint
     def chunk(_: None, xs: tuple[jax.Array, ...]) -> tuple[None, tuple[jax.Array, jax.Array]]:
@@ -97,14 +128,54 @@ def chunked_stats(
             "rd,dv->rv", h_c, unembed.astype(h_c.dtype), preferred_element_type=jnp.float32
         )  # [R, V]
         target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]  # [R]
-        ntp = jax.nn.logsumexp(logits, axis=-1) - target_logit
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [R]
+        ntp = lse - target_logit
         if teacher is None:
             return None, (ntp, jnp.zeros_like(ntp))
+        if cached:
+            return None, (ntp, kl_from_cached(xs[2], logits, lse))
         t_logits = jnp.einsum(
             "rd,dv->rv", xs[2], teacher[1].astype(xs[2].dtype), preferred_element_type=jnp.float32
         )  # [R, V]
         return None, (ntp, kl_per_position(t_logits, logits))
 
     _, (ntp, kl) = jax.lax.scan(chunk, None, xs)  # [C, R] each
-    ntp = ntp.reshape(-1)[:n].reshape(B, T)[:, :-1]  # [B, T-1]
-    return ntp, (kl.reshape(-1)[:n].reshape(B, T) if teacher is not None else None)
+    ntp = _unsplit(ntp, B, T)[:, :-1]  # [B, T-1]
+    return ntp, (_unsplit(kl, B, T) if teacher is not None else None)
+
+
+def chunked_teacher(
+    hidden: jax.Array, unembed: jax.Array, tokens: jax.Array
+) -> tuple[jax.Array, CachedTeacher]:
+    """The frozen model's own NTP [B, T-1] and its CachedTeacher ([B, T, V], [B, T]), computed
+    over chunks of `chunk_rows()` positions (no [B, T, V] logits beside the probabilities)."""
+    B, T, D = hidden.shape
+    split = _splitter(B * T)
+
+    def chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, CachedTeacher]:
+        h_c, t_c = xs  # [R, D], [R]
+        logits = jnp.einsum("rd,dv->rv", h_c, unembed.astype(h_c.dtype), preferred_element_type=jnp.float32)
+        cached, log_probs = cached_teacher(logits)  # [R, V], [R]; [R, V]
+        return -jnp.take_along_axis(log_probs, t_c[:, None], axis=-1)[:, 0], cached
+
+    ntp, cached = jax.lax.map(chunk, (split(hidden), split(jnp.roll(tokens, -1, axis=1))))
+    return _unsplit(ntp, B, T)[:, :-1], jax.tree.map(lambda x: _unsplit(x, B, T), cached)
+
+
+def _splitter(n: int) -> Callable[[jax.Array], jax.Array]:
+    """x [B, T, ...] (B * T = n) -> [C, R, ...]: chunks of R = chunk_rows() positions, the last
+    zero-padded."""
+    rows = min(chunk_rows(), n)
+    n_chunks = math.ceil(n / rows)
+    pad = n_chunks * rows - n
+
+    def split(x: jax.Array) -> jax.Array:
+        flat = x.reshape(n, *x.shape[2:])
+        return jnp.pad(flat, [(0, pad)] + [(0, 0)] * (flat.ndim - 1)).reshape(n_chunks, rows, *x.shape[2:])
+
+    return split
+
+
+def _unsplit(x: jax.Array, B: int, T: int) -> jax.Array:
+    """[C, R, ...] chunks back to [B, T, ...], dropping the padding."""
+    return x.reshape(-1, *x.shape[2:])[: B * T].reshape(B, T, *x.shape[2:])

@@ -12,6 +12,7 @@ The methods that use these rows (`reg.method`) are the registry in `regularisers
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +34,10 @@ class RealReplay:
     batch_size: int
     seed: int
     sample_time_s: float = 0.0  # always 0: nothing is generated
+    sampled_rows: int = 0
+
+    def ready(self, step: int) -> bool:
+        return True  # rows are read, never sampled
 
     def batch(self, step: int) -> np.ndarray:
         idx = positions_to_rows(
@@ -47,7 +52,13 @@ class RealReplay:
 
 @dataclass
 class SelfGeneratedReplay:
-    """Rows sampled from the frozen parent; refilled every `buffer` steps, each row used once."""
+    """Rows sampled from the frozen parent; refilled every `buffer` steps, each row used once.
+
+    Chunk c (the rows of steps c * buffer .. c * buffer + buffer - 1) is sampled with the key
+    `fold_in(key, c)`. The parent is frozen, so when and with which other chunks a chunk is
+    sampled does not change it: `chunks_per_call` chunks are sampled in one call (a batch that
+    fills the machine, `auto_chunks_per_call`), and a chunk is the same however it was grouped.
+    """
 
     graphdef: Any
     params: Any  # the frozen parent (never the model being trained)
@@ -57,31 +68,64 @@ class SelfGeneratedReplay:
     buffer: int
     key: jax.Array
     temperature: float = 1.0
+    chunks_per_call: int = 1
     sample_time_s: float = 0.0
-    _chunk_index: int = -1
-    _chunk: jax.Array | None = None
+    sampled_rows: int = 0
+    _chunks: dict[int, jax.Array] = field(default_factory=dict, repr=False)  # chunk -> [buffer, R, T]
     _sampler: Callable | None = field(default=None, repr=False)
+
+    def ready(self, step: int) -> bool:
+        """Whether the rows of `step` are already sampled (asking for them will not sample)."""
+        return step // self.buffer in self._chunks
 
     def batch(self, step: int) -> jax.Array:
         chunk_index, offset = divmod(step, self.buffer)
-        if chunk_index != self._chunk_index:
+        if chunk_index not in self._chunks:
             self._refill(chunk_index)
-        return self._chunk[offset]  # [R, T]
+        return self._chunks[chunk_index][offset]  # [R, T]
 
-    def _refill(self, chunk_index: int) -> None:
+    def compile(self) -> None:
+        """Compile the sampler ahead of time for this source's call shape (outside train time)."""
+        rows = self.chunks_per_call * self.buffer * self.batch_size
+        prompt = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+        keys = jax.eval_shape(lambda: self._keys(0))
+        self._sampler = self._jitted().lower(self.params, prompt, keys).compile()
+
+    def _jitted(self) -> Callable:
+        return make_sampler(self.graphdef, length=self.T, temperature=self.temperature)
+
+    def _keys(self, first: int) -> jax.Array:
+        """The keys [chunks_per_call] of chunks first, first + 1, ..."""
+        return jax.vmap(lambda c: jax.random.fold_in(self.key, c))(first + jnp.arange(self.chunks_per_call))
+
+    def _refill(self, first: int) -> None:
+        """Sample chunks first .. first + chunks_per_call - 1 in one call."""
         if self._sampler is None:
-            self._sampler = make_sampler(self.graphdef, length=self.T, temperature=self.temperature)
+            self._sampler = self._jitted()
+        G, shape = self.chunks_per_call, (self.chunks_per_call, self.buffer, self.batch_size, self.T)
         start = time.perf_counter()
         rows = sample_from_id(
-            self._sampler,
-            self.params,
-            self.dataset_token,
-            self.buffer * self.batch_size,
-            jax.random.fold_in(self.key, chunk_index),
+            self._sampler, self.params, self.dataset_token, math.prod(shape[:3]), self._keys(first)
         )
-        self._chunk = rows.reshape(self.buffer, self.batch_size, self.T).block_until_ready()
-        self._chunk_index = chunk_index
+        rows = rows.reshape(shape).block_until_ready()  # [G, buffer, R, T]
+        self._chunks = {first + g: rows[g] for g in range(G)}
         self.sample_time_s += time.perf_counter() - start
+        self.sampled_rows += math.prod(shape[:3])
+
+
+SAMPLE_ROWS = 256  # rows per sampler call on a CPU (4x on accelerators)
+SAMPLE_CACHE_BYTES = 2**30  # bound on the sampler's KV cache per call
+
+
+def auto_chunks_per_call(chunk_rows: int, chunks: int | None, cache_bytes_per_row: int) -> int:
+    """Replay chunks (`chunk_rows` rows each) to sample per sampler call: enough for about
+    `SAMPLE_ROWS` rows per call (on a 2-core CPU 256 rows decode at 1.13x the tokens/s of 128,
+    512 at 1.14x, benchmarks/sampling.py; a run that stops early, at its target loss, wastes the
+    rest of its last call), never more than the run's `chunks` (None: unknown length) nor a KV
+    cache over `SAMPLE_CACHE_BYTES`."""
+    target = SAMPLE_ROWS if jax.default_backend() == "cpu" else 4 * SAMPLE_ROWS
+    rows = min(target, SAMPLE_CACHE_BYTES // max(cache_bytes_per_row, 1))
+    return max(1, min(rows // chunk_rows, chunks or rows))
 
 
 def diagonal_fisher(hidden: Callable, params: Any, batches: list[Any]) -> Any:

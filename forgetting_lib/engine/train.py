@@ -13,20 +13,22 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 
 from .. import config as config_lib, runs, runtime
 from ..progress import Progress
 from . import checkpoint, lora as lora_lib, model as model_lib
-from .assemble import KEY_LORA, Setup, build_setup, compile_all, eval_teacher
-from .evaluate import distance, weight_norm
+from .assemble import KEY_LORA, Setup, build_setup, compile_all
+from .evaluate import distance, identical, weight_norm
 from .finetune import KEY_MODEL, resolve
 from .step import lr_schedule
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Tracker:
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     sample_time_s: float = 0.0
+    sampled_rows: int = 0  # self-generated replay rows sampled (incl. the unused rest of a call)
     checkpoint_step: int = 0  # step of the last checkpoint (checkpoints follow the first
     # evaluation at least checkpoint_every steps after it)
     best_valid: float = math.inf
@@ -184,11 +187,13 @@ def _train_interval(
     step_fn = setup.compiled["step"]
     budget = setup.cfg.stop.train_time_s
     no_replay = np.zeros((0, setup.cfg.data.T), np.int32)
-    sampled_before = setup.replay.sample_time_s if setup.replay else 0.0
+    sampled_before = (setup.replay.sample_time_s, setup.replay.sampled_rows) if setup.replay else (0.0, 0)
     stats = []
     start = time.perf_counter()
     while tracker.step < target:
         batch = setup.batcher.batch(tracker.step)
+        if setup.replay_rows and stats and not setup.replay.ready(tracker.step):
+            jax.block_until_ready(stats[-1])  # sampling time excludes the steps still in flight
         replay = setup.replay.batch(tracker.step) if setup.replay_rows else no_replay
         trainable, opt_state, out = step_fn(trainable, opt_state, setup.ctx, batch, replay)
         stats.append(out)
@@ -201,7 +206,8 @@ def _train_interval(
     values = jax.device_get(stats)  # waits for the last step
     tracker.train_time_s += time.perf_counter() - start
     if setup.replay:
-        tracker.sample_time_s += setup.replay.sample_time_s - sampled_before
+        tracker.sample_time_s += setup.replay.sample_time_s - sampled_before[0]
+        tracker.sampled_rows += setup.replay.sampled_rows - sampled_before[1]
     return trainable, opt_state, {k: np.array([v[k] for v in values], np.float64) for k in ("ntp", "reg")}
 
 
@@ -215,10 +221,8 @@ def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, A
         "epoch": setup.batcher.epochs(tracker.step),
     }
     params = setup.compiled["materialize"](trainable, setup.ctx)
-    teacher = eval_teacher(setup)
-    for name, (tokens, mask) in setup.eval_sets.items():
-        out = jax.device_get(setup.compiled[f"eval_{name}"](params, teacher, tokens, mask))
-        row.update({f"{name}_{k}": float(v) for k, v in out.items()})
+    for name in setup.eval_sets:
+        row.update({f"{name}_{k}": float(v) for k, v in _eval_set(setup, params, name).items()})
     row["weight_norm"] = float(weight_norm(params))
     if setup.parent is not None:
         row["drift"] = float(distance(params, setup.parent.params)) / setup.parent.init_distance
@@ -237,6 +241,20 @@ def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, A
     )
     row["tokens_per_s"] = row["tokens"] / tracker.train_time_s if tracker.train_time_s else None
     return row
+
+
+def _eval_set(setup: Setup, params: Any, name: str) -> dict[str, Any]:
+    """Metrics of one eval set. The first evaluation of a finetune also caches the parent's side
+    of the KL (setup.teacher_forms); while the model still *is* the parent (the first evaluation
+    of a fresh run), that parent pass is the evaluation, and the KL is exactly 0."""
+    tokens, mask = setup.eval_sets[name]
+    form = setup.teacher_forms.get(name)
+    if form in ("probs", "hidden") and name not in setup.teacher_cache:
+        own, setup.teacher_cache[name] = setup.compiled[f"teacher_{name}"](setup.ctx["frozen"], tokens, mask)
+        if bool(identical(params, setup.ctx["frozen"])):
+            return {**jax.device_get(own), "kl": 0.0}
+    teacher_in = setup.ctx["frozen"] if form == "params" else setup.teacher_cache.get(name)
+    return jax.device_get(setup.compiled[f"eval_{name}"](params, teacher_in, tokens, mask))
 
 
 def _stop_reason(setup: Setup, tracker: Tracker, row: dict[str, Any]) -> str | None:
@@ -324,6 +342,7 @@ def _summary(
         "train_time_s": tracker.train_time_s,
         "eval_time_s": tracker.eval_time_s,
         "sample_time_s": tracker.sample_time_s,
+        "sampled_rows": tracker.sampled_rows,
         "compile_time_s": compile_s,
         "wall_time_s_this_session": wall_s,
         "tokens_per_s": tokens / tracker.train_time_s if tracker.train_time_s else None,
