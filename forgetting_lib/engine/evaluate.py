@@ -40,7 +40,6 @@ def make_evaluator(hidden: Callable, teacher: str | None = None) -> Callable:
         raise ValueError(f"teacher form {teacher!r} is not one of {TEACHER_FORMS}")
 
     def evaluate(params: Any, teacher_in: Any, tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-        T = tokens.shape[-1]
         per_batch = None if teacher in (None, "params") else teacher_in
         if teacher == "hidden":
             per_batch = teacher_in[0]  # [nb, Be, T, D]; the unembedding is shared
@@ -52,10 +51,7 @@ def make_evaluator(hidden: Callable, teacher: str | None = None) -> Callable:
             elif teacher == "hidden":
                 ref = (ref, teacher_in[1])
             ntp, kl = chunked_stats(*hidden(params, batch), batch, teacher=ref)  # [Be, T-1], [Be, T]
-            per_row = [jnp.mean(ntp, axis=1), jnp.mean(ntp[:, T // 2 - 1 :], axis=1)]  # [Be] each
-            if teacher is not None:
-                per_row.append(jnp.mean(kl, axis=1))
-            return sums + jnp.stack([jnp.sum(x * m) for x in per_row] + [jnp.sum(m)]), None
+            return sums + _batch_sums(ntp, m, kl if teacher is not None else None), None
 
         n = 3 if teacher is None else 4
         sums, _ = jax.lax.scan(body, jnp.zeros(n, jnp.float32), (tokens, mask, per_batch))
@@ -75,8 +71,6 @@ def make_teacher_pass(hidden: Callable, form: str) -> Callable:
         raise ValueError(f"only 'probs' and 'hidden' are cached, not {form!r}")
 
     def teacher_pass(teacher: Any, tokens: jax.Array, mask: jax.Array) -> tuple[dict[str, jax.Array], Any]:
-        T = tokens.shape[-1]
-
         def body(sums: jax.Array, xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, Any]:
             batch, m = xs  # [Be, T], [Be]
             h, unembed = hidden(teacher, batch)  # [Be, T, D], [D, V]
@@ -85,11 +79,10 @@ def make_teacher_pass(hidden: Callable, form: str) -> Callable:
             else:
                 ntp, _ = chunked_stats(h, unembed, batch)  # [Be, T-1]
                 kept = h
-            per_row = [jnp.mean(ntp, axis=1), jnp.mean(ntp[:, T // 2 - 1 :], axis=1)]
-            return sums + jnp.stack([jnp.sum(x * m) for x in per_row] + [jnp.sum(m)]), kept
+            return sums + _batch_sums(ntp, m), kept
 
         sums, kept = jax.lax.scan(body, jnp.zeros(3, jnp.float32), (tokens, mask))
-        unembed = hidden(teacher, tokens[0, :1])[1]
+        unembed = hidden(teacher, tokens[0, :1])[1]  # the unembedding (XLA drops the unused trunk)
         return _means(sums, False), (kept if form == "probs" else (kept, unembed))
 
     return jax.jit(teacher_pass)
@@ -108,6 +101,16 @@ def teacher_forms(sets: dict[str, tuple[int, ...]], D: int, V: int, budget_mb: f
                 forms[name], left = form, left - size
                 break
     return forms
+
+
+def _batch_sums(ntp: jax.Array, mask: jax.Array, kl: jax.Array | None = None) -> jax.Array:
+    """Masked sums over a batch's rows: [ntp, ntp on the second half of each row, (kl,) rows]
+    from ntp [Be, T-1], mask [Be] and kl [Be, T]; `_means` divides by the last."""
+    T = ntp.shape[1] + 1
+    per_row = [jnp.mean(ntp, axis=1), jnp.mean(ntp[:, T // 2 - 1 :], axis=1)]  # [Be] each
+    if kl is not None:
+        per_row.append(jnp.mean(kl, axis=1))
+    return jnp.stack([jnp.sum(x * mask) for x in per_row] + [jnp.sum(mask)])
 
 
 def _means(sums: jax.Array, with_kl: bool) -> dict[str, jax.Array]:

@@ -117,16 +117,14 @@ def chunked_stats(
     cached = isinstance(teacher, CachedTeacher)
     xs = (split(hidden), targets)
     if cached:
-        xs += (CachedTeacher(split(teacher.probs), split(teacher.negent)),)
+        xs += (jax.tree.map(split, teacher),)
     elif teacher is not None:
         xs += (split(teacher[0]),)
 
     @jax.checkpoint
     def chunk(_: None, xs: tuple[jax.Array, ...]) -> tuple[None, tuple[jax.Array, jax.Array]]:
         h_c, t_c = xs[0], xs[1]
-        logits = jnp.einsum(
-            "rd,dv->rv", h_c, unembed.astype(h_c.dtype), preferred_element_type=jnp.float32
-        )  # [R, V]
+        logits = _logits(h_c, unembed)  # [R, V]
         target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]  # [R]
         lse = jax.nn.logsumexp(logits, axis=-1)  # [R]
         ntp = lse - target_logit
@@ -134,10 +132,7 @@ def chunked_stats(
             return None, (ntp, jnp.zeros_like(ntp))
         if cached:
             return None, (ntp, kl_from_cached(xs[2], logits, lse))
-        t_logits = jnp.einsum(
-            "rd,dv->rv", xs[2], teacher[1].astype(xs[2].dtype), preferred_element_type=jnp.float32
-        )  # [R, V]
-        return None, (ntp, kl_per_position(t_logits, logits))
+        return None, (ntp, kl_per_position(_logits(xs[2], teacher[1]), logits))
 
     _, (ntp, kl) = jax.lax.scan(chunk, None, xs)  # [C, R] each
     ntp = _unsplit(ntp, B, T)[:, :-1]  # [B, T-1]
@@ -154,12 +149,16 @@ def chunked_teacher(
 
     def chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, CachedTeacher]:
         h_c, t_c = xs  # [R, D], [R]
-        logits = jnp.einsum("rd,dv->rv", h_c, unembed.astype(h_c.dtype), preferred_element_type=jnp.float32)
-        cached, log_probs = cached_teacher(logits)  # [R, V], [R]; [R, V]
+        cached, log_probs = cached_teacher(_logits(h_c, unembed))  # [R, V], [R]; [R, V]
         return -jnp.take_along_axis(log_probs, t_c[:, None], axis=-1)[:, 0], cached
 
     ntp, cached = jax.lax.map(chunk, (split(hidden), split(jnp.roll(tokens, -1, axis=1))))
     return _unsplit(ntp, B, T)[:, :-1], jax.tree.map(lambda x: _unsplit(x, B, T), cached)
+
+
+def _logits(hidden: jax.Array, unembed: jax.Array) -> jax.Array:
+    """Logits [R, V] float32 of hidden states [R, D] (activation dtype), unembed [D, V]."""
+    return jnp.einsum("rd,dv->rv", hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def _splitter(n: int) -> Callable[[jax.Array], jax.Array]:
