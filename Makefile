@@ -33,6 +33,7 @@ bench: quickstart  # finetune_wall and cold_start use its data and parent (reuse
 	$(BIN)/python -m benchmarks.train_throughput
 	$(BIN)/python -m benchmarks.replay_overhead
 	$(BIN)/python -m benchmarks.sampling
+	$(BIN)/python -m benchmarks.sampling --sizes tutorial256 --dtypes float32 --top-p 1.0,0.8
 	$(BIN)/python -m benchmarks.finetune_wall
 	$(BIN)/python -m benchmarks.cold_start
 

@@ -73,6 +73,8 @@ class RegConfig:
     replay_batch_size: int = 0  # replay rows per step for ntp_pre / kl_pre (0 = data.batch_size)
     buffer: int = 16  # self-generated: each refill samples buffer x replay rows, used once
     temperature: float = 1.0  # self-generated: sampling temperature (1 = the model's distribution)
+    top_p: float = 1.0  # self-generated: nucleus mass sampled from (1 = the full softmax, the paper)
+    reuse: int = 1  # self-generated: steps each sampled row is replayed in (1 = once, the paper)
     fisher_batches: int = 8  # ewc: replay batches used to estimate the diagonal Fisher
 
 
@@ -437,6 +439,8 @@ def _validate_finetuning(cfg: Config) -> None:
         "reg",
         "reg.replay_batch_size >= 0, reg.buffer >= 1, reg.temperature >= 0, reg.fisher_batches >= 1",
     )
+    _check(0 < r.top_p <= 1, "reg.top_p", f"reg.top_p={r.top_p} must be in (0, 1] (1 = full softmax)")
+    _check(r.reuse >= 1, "reg.reuse", f"reg.reuse={r.reuse} must be >= 1 (1 = each row replayed once)")
     _check(cfg.lora.rank >= 0, "lora.rank", "lora.rank must be >= 0")
 
 

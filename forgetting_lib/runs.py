@@ -2,8 +2,9 @@
 
 A run folder `outputs/<experiment>/<run>/` holds `config.yaml` (fully resolved), `metrics.jsonl`
 (one JSON row per evaluation), `summary.json` (status, stop reason, final metrics) and
-`checkpoint/`. `load_runs` turns any number of run folders into one tidy DataFrame; plots and
-analysis read results only through it.
+`checkpoint/`, and for a finetune with replay `replay_rows.npy` (the replay rows of its first
+steps, [n, T] token ids, for `engine/diagnostics.py`). `load_runs` turns any number of run
+folders into one tidy DataFrame; plots and analysis read results only through it.
 
 Paths inside `config.yaml` (data, mix, parent: `config.PATH_KEYS`) are stored relative to the run
 folder and read back relative to it, so a run folder stays valid when it is opened from another
@@ -19,6 +20,7 @@ One process writes a run folder at a time: `lock(run_dir)` holds `<run_dir>/.loc
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -28,12 +30,20 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import yaml
 
 from . import config as config_lib, locks
-from .fileio import FileFormatError, atomic_write_json, atomic_write_text, read_yaml, remove_temporaries
+from .fileio import (
+    FileFormatError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_yaml,
+    remove_temporaries,
+)
 
 if TYPE_CHECKING:  # pandas loads on first use: a training process never needs it (0.3 s)
     import pandas as pd
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint"
+REPLAY_ROWS = "replay_rows.npy"
 LOCK = ".lock"
 # Leftovers of a killed writer (atomic writes, checkpoint swaps); stale once the folder is locked.
 TEMPORARIES = (".*.tmp", f".{CHECKPOINT}.tmp-*")
@@ -96,6 +106,35 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
         raise RunFolderError(
             f"{path} is damaged ({err}); delete it and resume the run (--resume) to write it again"
         ) from None
+
+
+def write_replay_rows(run_dir: str | Path, rows: Any) -> None:
+    """Store replay rows [n, T] (token ids, uint16 when they fit) as `replay_rows.npy`."""
+    import numpy as np
+
+    rows = np.asarray(rows)
+    if rows.size and int(rows.max()) < 2**16 and int(rows.min()) >= 0:
+        rows = rows.astype(np.uint16)
+    buffer = io.BytesIO()
+    np.save(buffer, rows, allow_pickle=False)
+    atomic_write_bytes(Path(run_dir) / REPLAY_ROWS, buffer.getvalue())
+
+
+def read_replay_rows(run_dir: str | Path) -> Any:
+    """The run's stored replay rows [n, T] int32, or None when it stored none (no replay, or a
+    run from before replay rows were kept)."""
+    import numpy as np
+
+    path = Path(run_dir) / REPLAY_ROWS
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path, allow_pickle=False).astype(np.int32)
+    except (ValueError, OSError) as err:
+        raise FileFormatError(
+            f"{path}: not a readable .npy of token rows ({err}); delete it (only the replay "
+            f"diagnostics read it) or rerun the run with --overwrite"
+        ) from err
 
 
 def write_config(run_dir: str | Path, config: dict[str, Any]) -> None:
@@ -257,7 +296,7 @@ def clear_run_dir(run_dir: Path) -> None:
 def reset_run_files(run_dir: Path) -> None:
     """Delete the run's own files (config, metrics, summary, checkpoints), keeping anything else
     a caller keeps there (an executed notebook, a sweep's error.txt) and the lock."""
-    for name in (CONFIG, METRICS, SUMMARY):
+    for name in (CONFIG, METRICS, SUMMARY, REPLAY_ROWS):
         (run_dir / name).unlink(missing_ok=True)
     for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
         shutil.rmtree(run_dir / name, ignore_errors=True)

@@ -11,7 +11,7 @@ import pytest
 
 from forgetting_lib import figures
 from forgetting_lib.experiments import notebooks, sweep
-from forgetting_lib.figures import high_lr, learning_rate, method_comp
+from forgetting_lib.figures import high_lr, learning_rate, method_comp, replay_diagnostics
 
 from finetune_fixtures import noisy_chain
 from tokenfiles import write_token_file
@@ -105,6 +105,57 @@ def test_method_comp_notebook(tmp_path, data):
     assert list(table.index) == ["standard", "lora_r16", "kl_real", "kl_self", "l2sp"]
     assert table[["forgetting", "old_loss", "compute_multiplier"]].notna().all().all()
     assert table.loc["standard", "vs_standard"] == 1.0
+
+
+def test_replay_diagnostics_notebook(tmp_path, data):
+    grid = {
+        "replay": {
+            "standard": {"method": "standard"},
+            "real": {"method": "ntp_real"},
+            "self": {"method": "ntp_self"},
+            "temp3.0": {"method": "ntp_self", "reg.temperature": 3.0},
+            "reuse4": {"method": "ntp_self", "reg.reuse": 4},
+        }
+    }
+    spec = {
+        "out": str(tmp_path / "rd"),
+        "stages": {"pretrain": pretrain_stage(data, tmp_path), "finetune": finetune_stage(data, grid)},
+    }
+    outputs = run_figure("replay_diagnostics", spec, tmp_path, 4.1)
+    for text in ("replayed", "unigram_js", "id_old_fraction", "abs_rho", "tracks forgetting best"):
+        assert text in outputs
+    table = replay_diagnostics.table(sweep.load_stage(spec, "finetune"), 4.1)
+    assert table["reached_target"].all()
+    assert list(table.index) == ["standard", "real", "self", "temp3.0", "reuse4"]
+    assert list(table["self_generated"]) == [False, False, True, True, True]
+    assert np.isnan(table.loc["standard", "unigram_js"])  # replays nothing: no diagnostics
+    assert table.loc["real", "unigram_js"] < table.loc["temp3.0", "unigram_js"]
+    # reuse 4 samples a quarter of the rows; its kept rows repeat within a chunk's passes
+    assert table.loc["reuse4", "sampled_rows"] < table.loc["self", "sampled_rows"]
+    assert table.loc["reuse4", "duplicate_rows"] > 0 == table.loc["self", "duplicate_rows"]
+    ranked = replay_diagnostics.predictors(table)
+    assert ranked["abs_rho"].iloc[0] == ranked["abs_rho"].max() and (ranked["points"] == 3).all()
+    assert "no diagnostic" in replay_diagnostics.conclusion(table, ranked.assign(rho=np.nan))
+
+
+def test_spearman_and_predictors_on_a_hand_made_table():
+    assert replay_diagnostics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert replay_diagnostics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(replay_diagnostics.spearman([1, 2], [1, 2]))  # too few points
+    table = pd.DataFrame(
+        {
+            "self_generated": [True] * 4,
+            "reached_target": [True, True, True, False],
+            "forgetting": [0.1, 0.2, 0.3, 9.0],
+            "unigram_js": [0.01, 0.02, 0.03, 0.0],  # same order as forgetting
+            "eos_rate": [0.3, 0.1, 0.2, 0.0],
+        },
+        index=["a", "b", "c", "off_target"],
+    )
+    ranked = replay_diagnostics.predictors(table)
+    assert list(ranked.index) == ["unigram_js", "eos_rate"] and ranked.loc["unigram_js", "rho"] == 1.0
+    assert (ranked["points"] == 3).all()  # the point off the target is left out
+    assert "unigram_js" in replay_diagnostics.conclusion(table.assign(), ranked)
 
 
 def test_learning_rate_notebook(tmp_path, data):

@@ -19,7 +19,13 @@ import pytest
 
 from forgetting_lib import __main__ as cli, config as config_lib, runs
 from forgetting_lib.config import ConfigError, ModelConfig
-from forgetting_lib.engine import checkpoint, data as data_lib, finetune as finetune_lib, replay as replay_lib
+from forgetting_lib.engine import (
+    checkpoint,
+    data as data_lib,
+    finetune as finetune_lib,
+    replay as replay_lib,
+    train as train_lib,
+)
 from forgetting_lib.engine.assemble import build_setup
 from forgetting_lib.engine.finetune import FinetuneError, load_parent, resolve
 from forgetting_lib.engine.losses import ntp_loss
@@ -363,6 +369,69 @@ def test_self_generated_rows(frozen_parent):
     successor = successor_map(seed=0)
     follows = successor[chunk[..., 1:-1]] == chunk[..., 2:]
     assert follows.mean() > 0.5  # the data: 0.8; a uniform sampler: 1/60
+
+
+def test_reused_rows_are_the_chunk_reshuffled(frozen_parent):
+    """reuse=2: a chunk serves 2 x buffer steps; the second pass replays the first pass's rows,
+    each once, in another order; then a new chunk. Half as many rows are sampled, and a fresh
+    source asked out of order gives the same rows."""
+    graphdef, params = frozen_parent
+    a = replay_lib.SelfGeneratedReplay(
+        graphdef, params, OLD_TOKEN, 4, T, 3, jax.random.key(0), reuse=2, seed=1
+    )
+    rows = [np.asarray(a.batch(s)) for s in range(12)]  # steps 0..11: chunks 0 and 1
+    first, second = np.concatenate(rows[:3]), np.concatenate(rows[3:6])  # [12, T] each
+    once = np.stack(rows[:3])
+    plain = _sgr(graphdef, params, seed=0, sampler=a._sampler)
+    np.testing.assert_array_equal(once, np.stack([plain.batch(s) for s in range(3)]))  # pass 0 = reuse 1
+    assert _contents(second) == _contents(first) and len(_contents(first)) == 12
+    assert not np.array_equal(second, first)  # reshuffled
+    assert not _contents(np.concatenate(rows[6:])) & _contents(first)  # chunk 1 is new rows
+    assert a.sampled_rows == 2 * 12 and a.span == 6 and a.ready(11) and not a.ready(12)
+    b = replay_lib.SelfGeneratedReplay(
+        graphdef, params, OLD_TOKEN, 4, T, 3, jax.random.key(0), reuse=2, seed=1, _sampler=a._sampler
+    )
+    np.testing.assert_array_equal(b.batch(10), rows[10])
+    np.testing.assert_array_equal(b.batch(4), rows[4])
+
+
+def test_run_keeps_the_rows_it_replayed(world, kl_synth):
+    """replay_rows.npy holds the replay batches of the run's first steps, exactly as replayed."""
+    result, used = kl_synth
+    kept = runs.read_replay_rows(result.out_dir)
+    steps = len(kept) // used.batch_size
+    assert steps == FT_STEPS  # the run is shorter than KEPT_REPLAY_ROWS rows: all of it
+    np.testing.assert_array_equal(kept, np.concatenate([used.seen[s] for s in range(steps)]))
+    assert runs.read_replay_rows(world.finetune("none").out_dir) is None  # no replay, nothing kept
+
+
+def test_kept_replay_steps_span_a_chunk_within_what_is_available():
+    keep = train_lib.kept_replay_steps
+    n = train_lib.KEPT_REPLAY_ROWS
+    assert keep(8, 16, None) == list(range(n // 8))  # the rows fill more than a chunk's span
+    assert keep(8, 16, 10) == list(range(10))  # a 10-step run (or first sampler call)
+    spread = keep(n // 4, 64, 256)  # 4 steps' rows spread over a 64-step span (reuse 4 x buffer 16)
+    assert spread == [0, 21, 42, 63]
+    assert keep(n // 4, 64, 32) == [0, 10, 21, 31]  # ... but the first call gives 32 steps only
+    assert keep(n, 1, None) == [0] and keep(3 * n, 1, None) == [0]  # one step holds enough
+
+
+def test_keeping_replay_rows_changes_nothing_a_run_computes(world, kl_synth):
+    """The same self-generated run without keeping its rows: every loss identical (the kept rows
+    are the ones the first steps replay; nothing else is sampled or reordered)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_lib, "_keep_replay_rows", lambda *args: None)
+        result = train_and_evaluate(world.child_config(SYNTH), world.root / "kl_pre_synth_unkept")
+    assert runs.read_replay_rows(result.out_dir) is None
+    assert loss_rows(metrics(result)) == loss_rows(metrics(kl_synth[0]))
+
+
+def test_reuse_and_top_p_reach_the_sampler(world):
+    setup = build_setup(resolve(world.child_config({**SYNTH, "reg.reuse": 4, "reg.top_p": 0.5})))
+    assert (setup.replay.reuse, setup.replay.top_p, setup.replay.seed) == (4, 0.5, 5)
+    for key, value in (("reg.reuse", 0), ("reg.top_p", 0.0), ("reg.top_p", 1.5)):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            world.child_config({**SYNTH, key: value})
 
 
 def test_auto_chunks_per_call_fills_a_call_within_bounds():

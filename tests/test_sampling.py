@@ -1,7 +1,7 @@
 """Sampler invariants on a tiny model: prompt kept, determinism, cache path = full forward,
 temperature limits, EOS padding, the sampled distribution (exact inverse-CDF draws, and the same
-token statistics as `jax.random.categorical` on full forwards), key groups, and one trace per
-shape."""
+token statistics as `jax.random.categorical` on full forwards), key groups, one trace per shape,
+and top-p sampling (the nucleus equals its sorted definition; only nucleus tokens are drawn)."""
 
 from __future__ import annotations
 
@@ -213,5 +213,47 @@ def test_rejects_bad_settings(model):
         make_sampler(graphdef, length=8, stop_at_eos=True)
     with pytest.raises(ValueError):
         make_sampler(graphdef, length=8, temperature=-1.0)
+    for top_p in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p"):
+            make_sampler(graphdef, length=8, top_p=top_p)
     with pytest.raises(ValueError):
         make_sampler(graphdef, length=4)(params, prompt(2, 5), jax.random.key(0))
+
+
+def sorted_nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Reference nucleus [B, V] bool: sort each row, keep the top tokens until their mass >= top_p."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    keep = np.zeros_like(probs, bool)
+    for b, row in enumerate(probs):
+        order = np.argsort(-row, kind="stable")
+        k = int(np.searchsorted(np.cumsum(row[order]), top_p)) + 1  # fewest tokens holding top_p
+        keep[b, order[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_nucleus_equals_the_sorted_definition(top_p):
+    logits = 2.0 * np.asarray(jax.random.normal(jax.random.key(3), (256, 50), jnp.float32))
+    kept = np.isfinite(np.asarray(jax.jit(sampling.nucleus, static_argnums=1)(jnp.asarray(logits), top_p)))
+    np.testing.assert_array_equal(kept, sorted_nucleus(logits, top_p))
+    assert kept.sum(-1).min() >= 1  # the most likely token always stays
+    if top_p < 0.99:
+        assert kept.sum(-1).max() < 50  # something was cut
+
+
+def test_top_p_samples_only_the_nucleus(model):
+    """Every token a top-p sampler draws is in the nucleus of the full forward's logits at its
+    position, and top_p=1 is the full-softmax sampler, token for token."""
+    graphdef, params = model
+    x = prompt(32, 1, seed=4)
+    rows = np.asarray(make_sampler(graphdef, length=12, top_p=0.5)(params, x, jax.random.key(0)))
+    logits = np.asarray(jax.jit(make_forward(graphdef))(params, jnp.asarray(rows)))  # [B, T, V]
+    kept = sorted_nucleus(logits[:, :-1].reshape(-1, CFG.V), 0.5).reshape(32, 11, CFG.V)
+    drawn = np.take_along_axis(kept, rows[:, 1:, None], axis=-1)[..., 0]
+    assert drawn.all()
+    assert kept.sum(-1).mean() < 0.5 * CFG.V  # the nucleus really is narrower than the vocabulary
+    full = make_sampler(graphdef, length=12)(params, x, jax.random.key(0))
+    np.testing.assert_array_equal(
+        make_sampler(graphdef, length=12, top_p=1.0)(params, x, jax.random.key(0)), full
+    )

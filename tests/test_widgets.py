@@ -1,6 +1,7 @@
 """The explorer panel without a browser: the config each control setting builds, the Run handler
 (a trace per run, extended with the run's metrics rows; the table of finished runs), refusing a
-second Run while one trains, failures and a missing parent shown in the status line.
+second Run while one trains, failures and a missing parent shown in the status line, and the
+diagnostics of the rows a self-generated run replayed.
 
 Runs finetune the shared tiny parent of finetune_fixtures (D=32, L=2, V=64, T=32, 8-row batches).
 """
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from forgetting_lib import methods, runs
+from forgetting_lib.engine import diagnostics
 from forgetting_lib.experiments import explorer as widgets
 from forgetting_lib.experiments.explorer import Explorer, Settings
 
@@ -103,6 +106,25 @@ def test_run_streams_a_trace_and_fills_the_table(explorer):
     assert len(explorer.figure.data[1].x) == len(rows)
     assert len(explorer.table_frame()) == 2
     assert sorted(p.name[:3] for p in explorer.out_dir.iterdir()) == ["001", "002"]
+
+
+def test_self_generated_run_shows_the_diagnostics_of_its_replayed_rows(explorer):
+    explorer.method.value, explorer.source.value = "NTP", "self-generated"
+    assert explorer.on_run() is True and explorer.wait(timeout=180)
+    assert explorer.error is None, explorer.error
+    run_dir = next(explorer.out_dir.iterdir())
+    expected = diagnostics.run_diagnostics(run_dir)
+    np.testing.assert_equal(explorer.diagnostics, {run_dir.name: expected})  # NaN == NaN here
+    frame = explorer.diagnostics_frame()
+    assert frame[run_dir.name]["classified as old data"] == expected["id_old_fraction"]
+    assert (
+        "unigram JS to real" in explorer.diagnostics_table.value
+        and run_dir.name in explorer.diagnostics_table.value
+    )
+    assert "Finished" in explorer.status.value and "No diagnostics" not in explorer.status.value
+    explorer.source.value = "real"  # real rows: no diagnostics column is added
+    assert explorer.on_run() is True and explorer.wait(timeout=180)
+    assert list(explorer.diagnostics) == [run_dir.name]
 
 
 def test_second_run_while_training_is_refused(explorer, monkeypatch):

@@ -189,9 +189,12 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
             r.temperature,
             replay_lib.auto_chunks_per_call(
                 r.buffer * source_rows,
-                None if setup.total_steps is None else math.ceil(setup.total_steps / r.buffer),
+                None if setup.total_steps is None else math.ceil(setup.total_steps / (r.buffer * r.reuse)),
                 model_lib.kv_cache_bytes(cfg.model, cfg.data.T),
             ),
+            top_p=r.top_p,
+            reuse=r.reuse,
+            seed=cfg.run.seed,
         )
     else:
         if len(prev.train_rows) < source_rows:

@@ -24,7 +24,7 @@ import numpy as np
 from ..prep.binarize import read_token_file
 
 # Independent random streams derived from the run seed (numpy side of the named-key scheme).
-STREAM_TRAIN, STREAM_MIX, STREAM_REPLAY = 1, 2, 3
+STREAM_TRAIN, STREAM_MIX, STREAM_REPLAY, STREAM_REUSE = 1, 2, 3, 4
 
 
 class DataError(ValueError):

@@ -6,6 +6,9 @@ Sources (each yields [R, T] rows of the parent's distribution for a given step):
   dataset-id token, at temperature 1 with the KV cache, never stopping early. Rows are sampled in
   chunks of buffer x R and each is used once (pseudo-rehearsal, Robins 1995, with the model as its
   own generator). Both are pure functions of the step, so resumed runs replay the same rows.
+  Ablations (not the paper's setting): `temperature`, `top_p` (nucleus sampling) and `reuse`
+  (each chunk replayed in `reuse` passes, reshuffled after the first, so 1/reuse as many rows
+  are sampled).
 
 The methods that use these rows (`reg.method`) are the registry in `regularisers.py`.
 """
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .data import STREAM_REPLAY, TokenRows, positions_to_rows
+from .data import STREAM_REPLAY, STREAM_REUSE, TokenRows, positions_to_rows
 from .losses import ntp_from_hidden
 from .sampling import make_sampler, sample_from_id
 
@@ -52,12 +55,15 @@ class RealReplay:
 
 @dataclass
 class SelfGeneratedReplay:
-    """Rows sampled from the frozen parent; refilled every `buffer` steps, each row used once.
+    """Rows sampled from the frozen parent; refilled every `buffer` x `reuse` steps.
 
-    Chunk c (the rows of steps c * buffer .. c * buffer + buffer - 1) is sampled with the key
-    `fold_in(key, c)`. The parent is frozen, so when and with which other chunks a chunk is
-    sampled does not change it: `chunks_per_call` chunks are sampled in one call (a batch that
-    fills the machine, `auto_chunks_per_call`), and a chunk is the same however it was grouped.
+    Chunk c ([buffer, R, T] rows, sampled with the key `fold_in(key, c)`) serves the `span` =
+    buffer x reuse steps c * span .. c * span + span - 1: in its first pass step c * span + j
+    replays its rows [j]; in pass p >= 1 the chunk's buffer x R rows in the order of a permutation
+    drawn from (seed, STREAM_REUSE, c, p), R at a time. The parent is frozen, so when and with
+    which other chunks a chunk is sampled does not change it: `chunks_per_call` chunks are sampled
+    in one call (a batch that fills the machine, `auto_chunks_per_call`), and a chunk is the same
+    however it was grouped.
     """
 
     graphdef: Any
@@ -69,20 +75,38 @@ class SelfGeneratedReplay:
     key: jax.Array
     temperature: float = 1.0
     chunks_per_call: int = 1
+    top_p: float = 1.0  # nucleus sampling mass (1 = the full softmax)
+    reuse: int = 1  # passes over each chunk (1 = each row replayed once)
+    seed: int = 0  # the run seed: the order of the passes after the first
     sample_time_s: float = 0.0
     sampled_rows: int = 0
     _chunks: dict[int, jax.Array] = field(default_factory=dict, repr=False)  # chunk -> [buffer, R, T]
     _sampler: Callable | None = field(default=None, repr=False)
 
+    @property
+    def span(self) -> int:
+        """Steps served by one chunk."""
+        return self.buffer * self.reuse
+
     def ready(self, step: int) -> bool:
         """Whether the rows of `step` are already sampled (asking for them will not sample)."""
-        return step // self.buffer in self._chunks
+        return step // self.span in self._chunks
 
     def batch(self, step: int) -> jax.Array:
-        chunk_index, offset = divmod(step, self.buffer)
+        chunk_index, offset = divmod(step, self.span)
         if chunk_index not in self._chunks:
             self._refill(chunk_index)
-        return self._chunks[chunk_index][offset]  # [R, T]
+        rows = self._chunks[chunk_index]  # [buffer, R, T]
+        replay_pass, slot = divmod(offset, self.buffer)
+        if replay_pass == 0:
+            return rows[slot]  # [R, T]
+        n = self.buffer * self.batch_size
+        order = np.random.default_rng((self.seed, STREAM_REUSE, chunk_index, replay_pass)).permutation(n)
+        return rows.reshape(n, self.T)[order[slot * self.batch_size : (slot + 1) * self.batch_size]]
+
+    def sampled_steps(self) -> int:
+        """Steps whose rows the next sampler call provides without sampling again (from step 0)."""
+        return self.chunks_per_call * self.span
 
     def compile(self) -> None:
         """Compile the sampler ahead of time for this source's call shape (outside train time)."""
@@ -92,7 +116,7 @@ class SelfGeneratedReplay:
         self._sampler = self._jitted().lower(self.params, prompt, keys).compile()
 
     def _jitted(self) -> Callable:
-        return make_sampler(self.graphdef, length=self.T, temperature=self.temperature)
+        return make_sampler(self.graphdef, length=self.T, temperature=self.temperature, top_p=self.top_p)
 
     def _keys(self, first: int) -> jax.Array:
         """The keys [chunks_per_call] of chunks first, first + 1, ..."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import config as config_lib, runs, runtime
 from ..progress import Progress
-from . import checkpoint, lora as lora_lib, model as model_lib
+from . import checkpoint, lora as lora_lib, model as model_lib, replay as replay_lib
 from .assemble import KEY_LORA, Setup, build_setup, compile_all
 from .evaluate import distance, identical, weight_norm
 from .finetune import KEY_MODEL, resolve
@@ -111,6 +111,8 @@ def _run(setup: Setup, out_dir: Path, on_eval: Callable[[dict[str, Any]], None] 
         runs.append_metrics(out_dir, row)
         if on_eval is not None:
             on_eval(row)
+        if setup.replay_rows:
+            _keep_replay_rows(setup, tracker, out_dir)
     with Progress("train", total=_total_tokens(setup), unit="tok", enabled=cfg.log.progress) as bar:
         bar.update(tracker.step * setup.tokens_per_step)
         params, opt_state, status, reason, failed_at = _loop(
@@ -209,6 +211,40 @@ def _train_interval(
         tracker.sample_time_s += setup.replay.sample_time_s - sampled_before[0]
         tracker.sampled_rows += setup.replay.sampled_rows - sampled_before[1]
     return trainable, opt_state, {k: np.array([v[k] for v in values], np.float64) for k in ("ntp", "reg")}
+
+
+KEPT_REPLAY_ROWS = 256  # replay rows of a run's first steps kept for engine/diagnostics.py
+
+
+def kept_replay_steps(rows_per_step: int, window: int, available: int | None) -> list[int]:
+    """The steps whose replay rows a run keeps: about KEPT_REPLAY_ROWS rows, from steps spread
+    evenly over the first `window` steps (at least the steps those rows fill; one chunk's span
+    for self-generated replay, so that reused rows show), never past `available` (the run's
+    length, and the steps the first sampler call provides; None: unbounded)."""
+    count = math.ceil(KEPT_REPLAY_ROWS / rows_per_step)
+    window = max(window, count)
+    if available is not None:
+        count, window = min(count, available), min(window, available)
+    return sorted({round(i * (window - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def _keep_replay_rows(setup: Setup, tracker: Tracker, out_dir: Path) -> None:
+    """Write the replay rows of `kept_replay_steps` to the run folder (rows a run that stops
+    early, at its target loss, may not reach). Sampling them is the first steps' own sampling,
+    so its time counts as training and sampling time."""
+    replay, limits = setup.replay, [setup.total_steps]
+    window = 0
+    if isinstance(replay, replay_lib.SelfGeneratedReplay):
+        window = replay.span
+        limits.append(replay.sampled_steps())
+    available = min((x for x in limits if x is not None), default=None)
+    start, sampled = time.perf_counter(), (replay.sample_time_s, replay.sampled_rows)
+    steps = kept_replay_steps(setup.replay_rows, window, available)
+    rows = np.concatenate([np.asarray(replay.batch(step)) for step in steps])  # [n, T]
+    tracker.train_time_s += time.perf_counter() - start
+    tracker.sample_time_s += replay.sample_time_s - sampled[0]
+    tracker.sampled_rows += replay.sampled_rows - sampled[1]
+    runs.write_replay_rows(out_dir, rows)
 
 
 def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,10 @@ library's `train_and_evaluate`; this module only chooses its config and watches 
 
 Runs are not queued: one run trains at a time in a background thread (so the controls stay
 responsive), and pressing Run while it trains is refused with a status message.
+
+After a run that replayed self-generated rows, the panel shows the diagnostics of the rows it
+replayed (`engine.diagnostics.run_diagnostics`: the parent's loss on them, their divergence from
+real old rows, id-conditioning), one column per such run, in `Explorer.diagnostics`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from .. import config as config_lib, methods, plots, runs
-from ..engine import regularisers
+from ..engine import diagnostics as diagnostics_lib, regularisers
 from ..engine.train import RunResult, train_and_evaluate
 
 SOURCES = (methods.REAL, methods.SELF)  # replay sources offered (reg.synth false / true)
@@ -42,6 +46,19 @@ TABLE_COLUMNS = {
     "prev_ntp": "old-task loss",
     "forgetting": "forgetting",
     "train_time_s": "train s",
+}
+DIAGNOSTIC_ROWS = {  # run_diagnostics key -> row title of the diagnostics table
+    "parent_loss": "parent loss on replayed rows",
+    "parent_loss_real": "parent loss on real rows",
+    "unigram_js": "unigram JS to real (bits)",
+    "unigram_js_floor": "  floor: real vs real",
+    "bigram_js": "bigram JS to real (bits)",
+    "bigram_js_floor": "  floor: real vs real",
+    "distinct_2": "distinct-2",
+    "duplicate_rows": "duplicate rows",
+    "eos_rate": "EOS rate",
+    "id_old_fraction": "classified as old data",
+    "rows": "rows",
 }
 
 
@@ -156,6 +173,8 @@ class Explorer:
         self.out_dir = Path(out_dir)
         self.evals_per_run = evals_per_run
         self.results: list[dict[str, Any]] = []  # one record per finished (or failed) run
+        self.diagnostics: dict[str, dict[str, float]] = {}  # run folder name -> its replay rows' diagnostics
+        self._references: dict[tuple[str, str], Any] = {}  # (parent, data) -> diagnostics.OldReference
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last run's exception, if it raised
         self._current = ""  # folder name of the run that trains now (or trained last)
@@ -226,6 +245,7 @@ class Explorer:
         self.run_button.on_click(self.on_run)
         self.status = W.HTML()
         self.table = W.HTML()
+        self.diagnostics_table = W.HTML()
         self.figure = go.FigureWidget(
             plots.tradeoff(
                 pd.DataFrame(columns=["run", "step", "tokens", "valid_ntp", "prev_ntp"]),
@@ -247,7 +267,7 @@ class Explorer:
                 W.HBox([self.run_button, self.status]),
             ]
         )
-        self.widget = W.VBox([controls, self.figure, self.table])
+        self.widget = W.VBox([controls, self.figure, self.table, self.diagnostics_table])
 
     def _sync_controls(self) -> None:
         """Show the strength control that applies to the chosen method; grey out unused ones."""
@@ -378,11 +398,36 @@ class Explorer:
             return
         self._record(settings, run_dir, result)
         kind = "done" if result.status == "finished" else "error"
-        self._status(
-            f"Finished {run_dir.name}: {result.status} ({result.stop_reason}) after "
-            f"{result.tokens:,} tokens.",
-            kind,
+        message = (
+            f"Finished {run_dir.name}: {result.status} ({result.stop_reason}) after {result.tokens:,} tokens."
         )
+        if settings.replays and settings.source == methods.SELF:
+            self._status(f"{message} Diagnosing the rows it replayed...", "busy")
+            problem = self._diagnose(run_dir)
+            message, kind = (f"{message} No diagnostics: {problem}", "error") if problem else (message, kind)
+        self._status(message, kind)
+
+    def diagnostics_frame(self) -> pd.DataFrame:
+        """The replay-row diagnostics of the self-generated runs: one column per run."""
+        frame = pd.DataFrame(self.diagnostics).reindex(list(DIAGNOSTIC_ROWS))
+        return frame.rename(index=DIAGNOSTIC_ROWS)
+
+    def _diagnose(self, run_dir: Path) -> str | None:
+        """Add the diagnostics of the rows the run replayed to the diagnostics table; returns why
+        they could not be computed (None when they were)."""
+        problem = None
+        try:
+            cfg = config_lib.from_dict(runs.read_config(run_dir))
+            key = (cfg.model.load_path, cfg.data.path)  # the same parent and data for most runs
+            if key not in self._references:
+                self._references[key] = diagnostics_lib.old_reference(cfg)
+            self.diagnostics[run_dir.name] = diagnostics_lib.run_diagnostics(run_dir, self._references[key])
+        except Exception as err:  # noqa: BLE001 - the run stands; only its diagnostics are missing
+            self.diagnostics[run_dir.name], problem = {}, f"{type(err).__name__}: {err}"
+        self.diagnostics_table.value = "<b>Diagnostics of the self-generated rows each run replayed</b>" + (
+            self.diagnostics_frame().to_html(na_rep="-", float_format=lambda v: f"{v:.4g}", border=0)
+        )
+        return problem
 
     def _record(self, settings: Settings, run_dir: Path, result: RunResult | None) -> None:
         final = result.final if result is not None else {}

@@ -9,7 +9,7 @@ runs the sweep and calls its module: `table(...)`, `claims(...)`, `plot(...)`. A
 returns {claim: (holds, the numbers behind it)}.
 """
 
-from . import analysis, high_lr, learning_rate, method_comp, regression1d, toy_continual
+from . import analysis, high_lr, learning_rate, method_comp, regression1d, replay_diagnostics, toy_continual
 from .common import claims_frame, completeness, figure_spec
 from .reproduce import DATA_NOTEBOOKS, FIGURES, reproduce
 
@@ -24,6 +24,7 @@ __all__ = [
     "learning_rate",
     "method_comp",
     "regression1d",
+    "replay_diagnostics",
     "reproduce",
     "toy_continual",
 ]
