@@ -165,8 +165,15 @@ def eval_batches(
     indices = rows.valid_rows if which == "valid" else rows.train_rows
     if len(indices) == 0:
         raise DataError(f"{rows.path}: no {which} rows to evaluate on; set a positive valid_tokens")
-    Be = min(eval_batch_size, len(indices))
-    nb = math.ceil(len(indices) / Be)
-    padded = np.resize(indices, nb * Be)  # padding repeats early rows; the mask zeroes them
-    mask = (np.arange(nb * Be) < len(indices)).astype(np.float32)
-    return rows.rows(padded).reshape(nb, Be, rows.T), mask.reshape(nb, Be)  # [nb, Be, T], [nb, Be]
+    return batched(rows.rows(indices), eval_batch_size)
+
+
+def batched(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [n, T] (n >= 1) as [nb, Be, T] batches of Be = min(batch_size, n) rows plus a [nb, Be]
+    float32 mask (0 = padding row: padding repeats early rows, which the mask zeroes)."""
+    n, T = rows.shape
+    Be = min(batch_size, n)
+    nb = math.ceil(n / Be)
+    padded = rows[np.resize(np.arange(n), nb * Be)]
+    mask = (np.arange(nb * Be) < n).astype(np.float32)
+    return padded.reshape(nb, Be, T), mask.reshape(nb, Be)  # [nb, Be, T], [nb, Be]

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import config as config_lib, runs
 from . import data as data_lib, model as model_lib
+from .assemble import auto_eval_rows
+from .evaluate import make_evaluator
 from .finetune import load_run
-from .losses import ntp_from_hidden
 
 
 def text_tokens(rows: np.ndarray) -> np.ndarray:
@@ -171,27 +170,13 @@ def fit_id_classifier(old: np.ndarray, new: np.ndarray, vocab_size: int, alpha: 
 
 def make_loss(graphdef: Any, params: Any, batch_rows: int | None = None) -> Callable[[np.ndarray], float]:
     """loss(rows [n, T]) -> the model's mean next-token loss (nats/token) over every position of
-    every row; batches of `batch_rows` rows (default: evaluation's, ~1K tokens on a CPU), the
-    last one padded and masked."""
-    hidden = model_lib.make_hidden(graphdef)
-
-    @jax.jit
-    def sums(params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-        ntp = ntp_from_hidden(*hidden(params, tokens), tokens)  # [B, T-1]
-        return jnp.stack([jnp.sum(ntp * mask[:, None]), jnp.sum(mask) * ntp.shape[1]])
+    every row: the run's own evaluator, in batches of `batch_rows` rows (default: evaluation's)."""
+    evaluate = make_evaluator(model_lib.make_hidden(graphdef))
 
     def loss(rows: np.ndarray) -> float:
         rows = np.asarray(rows, np.int32)
-        size = batch_rows or max(1, (1024 if jax.default_backend() == "cpu" else 65536) // rows.shape[1])
-        parts = []
-        for start in range(0, len(rows), size):
-            part = rows[start : start + size]
-            pad = size - len(part)
-            tokens = np.concatenate([part, np.zeros((pad, rows.shape[1]), np.int32)])
-            mask = np.concatenate([np.ones(len(part)), np.zeros(pad)]).astype(np.float32)
-            parts.append(sums(params, tokens, mask))  # dispatched without waiting
-        total = np.asarray(jnp.stack(parts), np.float64).sum(axis=0) if parts else np.zeros(2)
-        return float(total[0] / total[1]) if total[1] else float("nan")
+        tokens, mask = data_lib.batched(rows, batch_rows or auto_eval_rows(rows.shape[1]))
+        return float(evaluate(params, None, tokens, mask)["ntp"])
 
     return loss
 
@@ -253,16 +238,16 @@ def diagnose(
 @dataclass(frozen=True)
 class OldReference:
     """What a run's replay rows are compared with, shared by every finetune of one parent on one
-    new dataset: real old rows, the parent's validation rows and loss, the id classifier."""
+    new dataset: real old rows, the parent's loss (and its value on its validation rows), the id
+    classifier."""
 
     real: np.ndarray  # [m, T] real old rows: the parent's validation rows (shuffled), then random train rows
-    held_old: np.ndarray  # [k, T] the parent's validation rows
     vocab_size: int
     eos_id: int
     classifier: IdClassifier
     classifier_accuracy: float  # on the validation rows of both corpora
     loss: Callable[[np.ndarray], float]  # the parent's mean next-token loss
-    held_loss: float  # the parent's loss on held_old
+    held_loss: float  # the parent's loss on its validation rows
 
 
 def old_reference(
@@ -294,7 +279,6 @@ def old_reference(
     loss = make_loss(graphdef, params)
     return OldReference(
         real=np.concatenate([held_shuffled, old.rows(np.sort(extra))])[:real_rows],
-        held_old=held_old,
         vocab_size=V,
         eos_id=int(old.sidecar["eos_id"]),
         classifier=classifier,
@@ -305,13 +289,16 @@ def old_reference(
 
 
 def run_diagnostics(
-    run_dir: str | Path, reference: OldReference | None = None, rows: int | None = None
+    run_dir: str | Path,
+    references: dict[tuple[str, str], OldReference] | None = None,
+    rows: int | None = None,
 ) -> dict[str, Any]:
     """`diagnose` of a finetuning run's stored replay rows (the first `rows` of them: compare
-    runs at one row count, as every count-based statistic depends on it) against `reference`
-    (default: its config's `old_reference`; pass one to diagnose many runs of one parent).
-    `parent_loss_real` is the parent's loss on its validation rows; `id_classifier_accuracy` the
-    classifier's accuracy on held-out rows of both corpora."""
+    runs at one row count, as every count-based statistic depends on it) against its config's
+    `old_reference`. `references` is a cache the caller keeps, (parent, new data) -> reference,
+    so that the many runs of one parent build theirs once. `parent_loss_real` is the parent's
+    loss on its validation rows; `id_classifier_accuracy` the classifier's accuracy on held-out
+    rows of both corpora."""
     run_dir = Path(run_dir)
     replay = runs.read_replay_rows(run_dir)
     if replay is None:
@@ -321,7 +308,12 @@ def run_diagnostics(
             f"them can be rerun with --overwrite"
         )
     replay = replay[:rows]
-    ref = reference or old_reference(config_lib.from_dict(runs.read_config(run_dir)))
+    cfg = config_lib.from_dict(runs.read_config(run_dir))
+    references = {} if references is None else references
+    key = (cfg.model.load_path, cfg.data.path)
+    if key not in references:
+        references[key] = old_reference(cfg)
+    ref = references[key]
     out = diagnose(replay, ref.real, vocab_size=ref.vocab_size, eos_id=ref.eos_id, classifier=ref.classifier)
     out["parent_loss"] = ref.loss(replay[: int(out["rows"])])
     out["parent_loss_real"] = ref.held_loss

@@ -417,11 +417,7 @@ class Explorer:
         they could not be computed (None when they were)."""
         problem = None
         try:
-            cfg = config_lib.from_dict(runs.read_config(run_dir))
-            key = (cfg.model.load_path, cfg.data.path)  # the same parent and data for most runs
-            if key not in self._references:
-                self._references[key] = diagnostics_lib.old_reference(cfg)
-            self.diagnostics[run_dir.name] = diagnostics_lib.run_diagnostics(run_dir, self._references[key])
+            self.diagnostics[run_dir.name] = diagnostics_lib.run_diagnostics(run_dir, self._references)
         except Exception as err:  # noqa: BLE001 - the run stands; only its diagnostics are missing
             self.diagnostics[run_dir.name], problem = {}, f"{type(err).__name__}: {err}"
         self.diagnostics_table.value = "<b>Diagnostics of the self-generated rows each run replayed</b>" + (

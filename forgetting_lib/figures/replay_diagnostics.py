@@ -54,13 +54,8 @@ def diagnostics_frame(df: pd.DataFrame) -> pd.DataFrame:
     kept = {label: runs.read_replay_rows(path) for label, path in paths.items()}
     kept = {label: rows for label, rows in kept.items() if rows is not None}
     common = min((len(rows) for rows in kept.values()), default=0)  # every point at one row count
-    records, references = {}, {}
-    for label in kept:
-        cfg = config_lib.from_dict(runs.read_config(paths[label]))
-        key = (cfg.model.load_path, cfg.data.path)  # one reference per parent and new dataset
-        if key not in references:
-            references[key] = diagnostics.old_reference(cfg)
-        records[label] = diagnostics.run_diagnostics(paths[label], references[key], rows=common)
+    references: dict = {}  # one per parent and new dataset
+    records = {label: diagnostics.run_diagnostics(paths[label], references, common) for label in kept}
     return pd.DataFrame.from_dict(records, orient="index").rename_axis("point")
 
 
