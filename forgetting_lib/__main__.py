@@ -51,6 +51,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         chars_per_corpus=args.chars_per_corpus,
         num_dataset_ids=args.num_dataset_ids,
         seed=args.seed,
+        byte_fallback=not args.no_byte_fallback,
     )
     print(f"wrote {tok.directory} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:12]})")
 
@@ -123,9 +124,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     """Run (or resume) every point of a sweep spec and print the summary table."""
     from .experiments import sweep
 
-    if args.dry_run:  # checks every point's config as a real run does, then lists them
-        for point in sweep.check(args.spec):
+    if args.dry_run:  # checks every point's config as a real run does, lists them and their cost
+        from .experiments import cost
+
+        points = sweep.check(args.spec)
+        for point in points:
             print(f"{point.stage}/{point.id} -> {point.out_dir}")
+        table = cost.cost_table(points, mfu=args.mfu, peak_tflops=args.peak_tflops)
+        print(cost.format_table(table, mfu=args.mfu, peak_tflops=args.peak_tflops))
         return
     table = sweep.run_sweep(
         args.spec, workers=args.workers, notebook=not args.no_notebook, stages=args.stage or None
@@ -161,13 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--corpus",
         action="append",
         required=True,
-        help="corpus spec (repeat for several): sample:en, hf:NAME[:CONFIG], files:GLOB",
+        help="corpus spec (repeat for several): sample:en, hf:NAME[:CONFIG], files:GLOB, synthetic:old",
     )
     p.add_argument("--out", required=True, help="tokenizer folder to write")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--chars-per-corpus", type=int, default=2_000_000)
     p.add_argument("--num-dataset-ids", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-byte-fallback",
+        action="store_true",
+        help="no 256 byte pieces (for corpora the sample covers fully, e.g. a synthetic: pair)",
+    )
     p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("binarize", help="tokenize a corpus into a uint16 token file")
@@ -211,7 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="call the library directly instead of executing notebooks/train_run.ipynb per point",
     )
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="list the points and their folders, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the points and their folders and print the planned tokens, FLOPs and "
+        "accelerator-hours per stage; run nothing",
+    )
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="dry run: model FLOPs utilisation assumed (default 0.4)"
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="dry run: accelerator peak TFLOP/s (default 989, H100 SXM dense bf16)",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("reproduce", help="run the data notebooks and every figure notebook at a scale")

@@ -11,7 +11,7 @@ import pytest
 
 from forgetting_lib import figures
 from forgetting_lib.experiments import notebooks, sweep
-from forgetting_lib.figures import high_lr, learning_rate, method_comp, replay_diagnostics
+from forgetting_lib.figures import analysis, high_lr, learning_rate, method_comp, replay_diagnostics
 
 from finetune_fixtures import noisy_chain
 from tokenfiles import write_token_file
@@ -63,13 +63,15 @@ def finetune_stage(data, grid, **set_):
     return {"base": FINETUNE, "after": "pretrain", "set": {"data.path": data["new"], **set_}, "grid": grid}
 
 
-def run_figure(name, spec, tmp_path, target):
+def run_figure(name, spec, tmp_path, target, **params):
+    """Execute figure notebook `name` on `spec` (plus notebook `params`); its cells' outputs as JSON."""
     params = {
         "sweep": spec,
         "target_loss": target,
         "workers": 1,
         "notebook_runs": False,
         "figures_dir": str(tmp_path / "figures"),
+        **params,
     }
     executed = notebooks.run_notebook(
         f"figures/{name}", params, tmp_path / "nb", cwd=Path(__file__).resolve().parents[1]
@@ -139,9 +141,9 @@ def test_replay_diagnostics_notebook(tmp_path, data):
 
 
 def test_spearman_and_predictors_on_a_hand_made_table():
-    assert replay_diagnostics.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert replay_diagnostics.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(replay_diagnostics.spearman([1, 2], [1, 2]))  # too few points
+    assert analysis.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert analysis.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(analysis.spearman([1, 2], [1, 2]))  # too few points
     table = pd.DataFrame(
         {
             "self_generated": [True] * 4,

@@ -381,7 +381,7 @@ def test_cli_dry_run_lists_points_and_a_failure_exits_nonzero(tmp_path, data, ca
     spec.write_text(yaml.safe_dump(two_stage(tmp_path / "out", data), sort_keys=False))
     assert cli_main(["sweep", str(spec), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6 and lines[0].startswith("pretrain/lr=0.001 -> ")
+    assert lines[0].startswith("pretrain/lr=0.001 -> ") and sum(" -> " in line for line in lines) == 6
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         yaml.safe_dump(

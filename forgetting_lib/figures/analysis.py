@@ -255,3 +255,14 @@ def pareto_frontier(table: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     better = (xs[None, :] < xs[:, None]) | (ys[None, :] < ys[:, None])
     dominated = (no_worse & better).any(axis=1)
     return rows[~dominated].sort_values([x, y], kind="stable")
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho (ties share their mean rank); NaN with < 3 points or a constant input."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])

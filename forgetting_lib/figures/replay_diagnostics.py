@@ -94,21 +94,10 @@ def predictors(table: pd.DataFrame, points: list[str] | None = None) -> pd.DataF
         if name not in sub.columns:
             continue
         pair = sub[[name, "forgetting"]].dropna()
-        rho = spearman(pair[name].to_numpy(), pair["forgetting"].to_numpy())
+        rho = analysis.spearman(pair[name].to_numpy(), pair["forgetting"].to_numpy())
         rows[name] = {"rho": rho, "abs_rho": abs(rho), "points": len(pair), "meaning": DIAGNOSTICS[name]}
     out = pd.DataFrame.from_dict(rows, orient="index").rename_axis("diagnostic")
     return out.sort_values("abs_rho", ascending=False, na_position="last")
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho (ties share their mean rank); NaN with < 3 points or a constant input."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def claims(table: pd.DataFrame) -> dict[str, tuple[bool, str]]:

@@ -7,7 +7,18 @@ from typing import Any, Sequence
 
 from ..experiments.notebooks import run_notebooks
 
-FIGURES = ("1d_regression", "method_comp", "learning_rate", "high_lr", "toy_continual", "replay_diagnostics")
+FIGURES = (
+    "1d_regression",
+    "method_comp",
+    "learning_rate",
+    "high_lr",
+    "toy_continual",
+    "replay_diagnostics",
+    "model_size",
+    "pretrain_length",
+    "model_capacity",
+    "2d_grid",
+)
 DATA_NOTEBOOKS = ("01_tokenizer", "02_binarize")  # the token files every LM figure trains on
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from .. import locks
 from ..fileio import is_no_space, no_space_message, remove_temporaries
 from ..progress import Progress
+from . import synthetic
 from .corpora import iter_documents
 from .tokenizer import Tokenizer
 
@@ -57,7 +58,7 @@ def binarize(
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     out_path = Path(out_path)
-    _check_arguments(tok, out_path, dataset_id, max_tokens, batch_documents)
+    _check_arguments(corpus, tok, out_path, dataset_id, max_tokens, batch_documents)
     docs: Iterable[str] = iter_documents(corpus, seed=seed)
     if shuffle_documents:
         docs = list(docs)
@@ -112,9 +113,19 @@ def binarize(
 
 
 def _check_arguments(
-    tok: Tokenizer, out_path: Path, dataset_id: int, max_tokens: int | None, batch_documents: int
+    corpus: str,
+    tok: Tokenizer,
+    out_path: Path,
+    dataset_id: int,
+    max_tokens: int | None,
+    batch_documents: int,
 ) -> None:
     """Fail before any work on arguments that cannot produce a valid token file."""
+    if max_tokens is None and synthetic.unbounded(corpus):
+        raise TokenFileError(
+            f"corpus {corpus!r} never ends: give a token limit (--max-tokens N, max_tokens=N) or "
+            "a length in the spec (?tokens=N)"
+        )
     if out_path.suffix != ".bin":
         raise TokenFileError(f"out_path {out_path} must end in .bin (the sidecar is the .json beside it)")
     if not 0 <= dataset_id < tok.num_dataset_ids:

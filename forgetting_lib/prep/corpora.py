@@ -13,6 +13,8 @@ Specs:
   (`datasets` pauses 5 s when a parquet stream ends: its workaround for apache/arrow#45214.)
 - `files:<glob>` — local files in sorted order: `.txt` (one document per blank-line-separated
   block), `.jsonl` and `.parquet` (one document per row, from the `text` field). `seed` unused.
+- `synthetic:<old|new>[?seed=..&words=..&...]` — two related generated languages with unlimited
+  fresh text and a known entropy rate (`synthetic.py`); `seed` picks the stream.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-PREFIXES = ("sample:", "hf:", "files:")
+from . import synthetic
+
+PREFIXES = ("sample:", "hf:", "files:", "synthetic:")
 SAMPLE_PACKAGES = {"en": ("sword-text-kjv", "engKJV2006eb"), "es": ("sword-text-sparv", "spaRV1909eb")}
 SAMPLE_CACHE_VERSION = "sample-v1"  # bump when the extraction below changes
 HF_KEYS = {"split": "train", "text_field": "text", "data_files": None, "shuffle_buffer": "10000"}
@@ -66,9 +70,15 @@ def iter_documents(spec: str, *, seed: int = 0, data_dir: Path | None = None) ->
         return _iter_hf(spec, seed)
     if spec.startswith("files:"):
         return _iter_files(spec.removeprefix("files:"))
+    if spec.startswith("synthetic:"):
+        try:
+            synthetic.parse_spec(spec)  # a bad spec fails now, not at the first document
+        except synthetic.SyntheticSpecError as err:
+            raise CorpusError(str(err)) from None
+        return synthetic.iter_documents(spec, seed=seed)
     raise CorpusError(
         f"unknown corpus spec {spec!r}: it must start with one of {', '.join(PREFIXES)} "
-        "(e.g. sample:en, hf:allenai/c4:en, files:data/*.txt)"
+        "(e.g. sample:en, hf:allenai/c4:en, files:data/*.txt, synthetic:old)"
     )
 
 

@@ -53,12 +53,15 @@ def train_tokenizer(
     chars_per_corpus: int = 2_000_000,
     num_dataset_ids: int = 10,
     seed: int = 0,
+    byte_fallback: bool = True,
 ) -> "Tokenizer":
     """Train a BPE tokenizer on a balanced sample (the first `chars_per_corpus` characters of each
     corpus, documents split into lines) and save it to `out_dir` atomically.
 
     An existing `out_dir` is replaced only after training succeeds, and only if it holds a
-    previous tokenizer (or nothing). Returns the loaded Tokenizer.
+    previous tokenizer (or nothing). Returns the loaded Tokenizer. `byte_fallback=False` saves
+    the 256 byte pieces for a corpus whose every character the sample covers (a `synthetic:`
+    pair: a small vocabulary then holds its whole lexicon).
     """
     if not 0 < vocab_size <= MAX_VOCAB_SIZE:
         raise TokenizerError(
@@ -73,7 +76,9 @@ def train_tokenizer(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        (tmp / MODEL_FILE).write_bytes(_run_trainer(iter(sentences), vocab_size, num_dataset_ids))
+        (tmp / MODEL_FILE).write_bytes(
+            _run_trainer(iter(sentences), vocab_size, num_dataset_ids, byte_fallback)
+        )
         card = {
             "format": CARD_FORMAT,
             "model_type": "bpe",
@@ -86,6 +91,7 @@ def train_tokenizer(
             "chars_per_corpus": chars_per_corpus,
             "chars_sampled": chars,
             "seed": seed,
+            "byte_fallback": byte_fallback,
             "fingerprint": _sha256(tmp / MODEL_FILE),
             "sentencepiece_version": spm.__version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -134,7 +140,7 @@ def _sample_sentences(
     return sentences, chars
 
 
-def _run_trainer(sentences: Iterable[str], vocab_size: int, num_ids: int) -> bytes:
+def _run_trainer(sentences: Iterable[str], vocab_size: int, num_ids: int, byte_fallback: bool) -> bytes:
     """Run SentencePiece with the settings that make round trips exact (see module docstring);
     returns the model bytes. Writing through `model_writer` rather than a `model_prefix` path
     keeps the (temporary) path out of the model, so equal inputs give equal fingerprints."""
@@ -148,7 +154,7 @@ def _run_trainer(sentences: Iterable[str], vocab_size: int, num_ids: int) -> byt
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
-            byte_fallback=True,
+            byte_fallback=byte_fallback,
             split_digits=True,
             allow_whitespace_only_pieces=True,
             character_coverage=1.0,
@@ -294,21 +300,34 @@ class Tokenizer:
 
 
 def train_or_load(
-    corpora: Sequence[str], out_dir: str | Path, *, vocab_size: int = 4096, chars_per_corpus: int = 2_000_000
+    corpora: Sequence[str],
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 4096,
+    chars_per_corpus: int = 2_000_000,
+    byte_fallback: bool = True,
 ) -> Tokenizer:
     """The tokenizer in `out_dir` if it was trained on `corpora` with these settings, else a new
     one trained there (what notebooks and the quickstart call: rerunning reuses the work)."""
     try:
         tok = Tokenizer.load(out_dir)
-        if (tok.card["corpora"], tok.vocab_size, tok.card["chars_per_corpus"]) == (
+        card = tok.card
+        if (card["corpora"], tok.vocab_size, card["chars_per_corpus"], card.get("byte_fallback", True)) == (
             list(corpora),
             vocab_size,
             chars_per_corpus,
+            byte_fallback,
         ):
             return tok
     except TokenizerError:
         pass
-    return train_tokenizer(corpora, out_dir, vocab_size=vocab_size, chars_per_corpus=chars_per_corpus)
+    return train_tokenizer(
+        corpora,
+        out_dir,
+        vocab_size=vocab_size,
+        chars_per_corpus=chars_per_corpus,
+        byte_fallback=byte_fallback,
+    )
 
 
 def compression_stats(tok: Tokenizer, corpora: dict[str, str], *, max_documents: int = 200) -> list[dict]:
