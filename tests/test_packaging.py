@@ -101,3 +101,21 @@ def test_ci_calls_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make quickstart" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in PARAM_FILES if "quick" in p.parts and _is_notebook_params(p)],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_a_notebook_opened_as_is_runs_its_quick_parameters(path):
+    """A notebook opened in JupyterLab runs its parameters cell's defaults, papermill the quick
+    file: a scalar default that differs (a figure's target loss, say) would give other numbers."""
+    raw = yaml.safe_load(path.read_text())
+    defaults = parameters_of(_notebook_of(path))
+    differ = {
+        key: (defaults[key], value)
+        for key, value in raw.items()
+        if key in defaults and isinstance(defaults[key], (int, float, str, bool)) and defaults[key] != value
+    }
+    assert not differ, f"{path.relative_to(ROOT)}: notebook default vs quick file {differ}"
