@@ -64,14 +64,7 @@ def resolve(cfg: config_lib.Config) -> config_lib.Config:
         )
     return cfg.replace(
         {
-            "model.D": parent.model.D,
-            "model.L": parent.model.L,
-            "model.H": parent.model.H,
-            "model.V": parent.model.V,
-            "parent.data_path": parent.data.path,
-            "parent.split_seed": parent.data.split_seed,
-            "parent.T": parent.data.T,
-            "parent.valid_tokens": parent.data.valid_tokens,
+            **from_parent_config(parent),
             "parent.seed": parent.parent.seed if parent.model.load_path else parent.run.seed,
             "parent.final_valid_ntp": summary["final"]["valid_ntp"],
             "parent.dataset_token": summary.get("dataset_token", -1),
@@ -79,6 +72,18 @@ def resolve(cfg: config_lib.Config) -> config_lib.Config:
             or _data_fingerprint(parent.data.path),
         }
     )
+
+
+def from_parent_config(parent: config_lib.Config) -> dict[str, Any]:
+    """The overrides a finetune takes from its parent's config alone: the architecture
+    (model D/L/H/V) and the parent's data split (its valid rows are the `prev` set)."""
+    return {
+        **{f"model.{k}": getattr(parent.model, k) for k in config_lib.ARCHITECTURE},
+        "parent.data_path": parent.data.path,
+        "parent.split_seed": parent.data.split_seed,
+        "parent.T": parent.data.T,
+        "parent.valid_tokens": parent.data.valid_tokens,
+    }
 
 
 def _data_fingerprint(path: str) -> str:

@@ -48,6 +48,7 @@ from ..config import ConfigError
 from ..engine import data as data_lib, model as model_lib, regularisers
 from ..engine.assemble import total_steps_for
 from ..engine.evaluate import teacher_forms
+from ..engine.finetune import from_parent_config
 from ..prep.binarize import TokenFileError, read_token_file
 from .sweep_spec import Point
 
@@ -80,15 +81,7 @@ class PointCost:
 def with_parent(cfg: config_lib.Config, parent: config_lib.Config) -> config_lib.Config:
     """A finetune's config as `engine.finetune.resolve` makes it, but from its parent's config
     (the parent's run folder need not exist yet): the architecture and the parent's valid split."""
-    return cfg.replace(
-        {
-            **{f"model.{k}": getattr(parent.model, k) for k in config_lib.ARCHITECTURE},
-            "parent.data_path": parent.data.path,
-            "parent.split_seed": parent.data.split_seed,
-            "parent.T": parent.data.T,
-            "parent.valid_tokens": parent.data.valid_tokens,
-        }
-    )
+    return cfg.replace(from_parent_config(parent))
 
 
 def planned_steps(cfg: config_lib.Config) -> tuple[int | None, str, str]:

@@ -61,6 +61,12 @@ def _per_run(df: pd.DataFrame, fn: str, row: Callable[[pd.DataFrame], dict[str, 
     return pd.DataFrame.from_dict(records, orient="index").rename_axis("run")
 
 
+def final_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last evaluation (its highest step), runs in order of first appearance."""
+    _require(df, ["run", "step"], "final_rows")
+    return df.sort_values("step", kind="stable").groupby("run", sort=False).tail(1)
+
+
 def _crossing(frame: pd.DataFrame, metric: str, level: float) -> tuple[int, float] | None:
     """Where `metric` first gets <= `level` among the rows where it is defined.
 

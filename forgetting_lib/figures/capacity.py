@@ -18,6 +18,7 @@ import pandas as pd
 from ..config import ModelConfig
 from ..engine.model import paper_param_count
 from . import analysis
+from .common import figure_params
 
 
 def prepare_data(
@@ -85,7 +86,7 @@ def best_at_target(df: pd.DataFrame, target: float, by: str) -> pd.DataFrame:
 def final_losses(pretrain: pd.DataFrame, by: str) -> pd.DataFrame:
     """Per value of `by`, the last evaluation of each pretraining run: tokens, old loss
     (`valid_ntp`), new loss where the run mixed it in (`mix_ntp`), and the parent parameters."""
-    last = pretrain.sort_values("step", kind="stable").groupby("run", sort=False).tail(1)
+    last = analysis.final_rows(pretrain)
     cols = [c for c in ("tokens", "valid_ntp", "mix_ntp", "model.D", "model.L", "model.V") if c in last]
     return last.set_index(by)[cols].sort_index()
 
@@ -189,10 +190,9 @@ def figure_data(data: Mapping[str, Any] | None, name: str, scale: str = "quick")
     """A capacity figure notebook's data: `data` (prepare_data's keyword arguments), or when None
     the `data:` of `params/<scale>/<name>.yaml`; prepared (made once, reused) and returned."""
     if data is None:
-        from ..experiments.notebooks import PROJECT_ROOT
         from ..fileio import read_yaml
 
-        data = read_yaml(PROJECT_ROOT / "params" / scale / f"{name}.yaml")["data"]
+        data = read_yaml(figure_params(name, scale))["data"]
     return prepare_data(**data)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
@@ -12,12 +13,17 @@ from ..experiments.notebooks import PROJECT_ROOT
 COLOURS = plotly.colors.qualitative.Plotly
 
 
+def figure_params(name: str, scale: str = "quick") -> Path:
+    """The parameter file of figure `name` at `scale`: `params/<scale>/<name>.yaml`."""
+    return PROJECT_ROOT / "params" / scale / f"{name}.yaml"
+
+
 def figure_spec(spec: Any, name: str, scale: str = "quick") -> Any:
     """A figure notebook's sweep spec, parsed once: `spec` (a mapping), or when None the `sweep:`
     of `params/<scale>/<name>.yaml`."""
     from ..experiments.sweep_spec import load_spec
 
-    return load_spec(PROJECT_ROOT / "params" / scale / f"{name}.yaml" if spec is None else spec)
+    return load_spec(figure_params(name, scale) if spec is None else spec)
 
 
 def completeness(spec: Any, stages: Sequence[str]) -> dict[str, tuple[bool, str]]:

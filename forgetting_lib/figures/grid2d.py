@@ -22,14 +22,6 @@ from . import analysis
 
 SIZE, LENGTH = "D", "tpp"  # the pretraining stage's axes: model.D and a named axis of TPP labels
 NONE, KL = "standard", "kl_real"  # the finetuning stage's method axis
-PAPER = {
-    "forgetting_none_smallest_shortest": 0.35,
-    "forgetting_none_largest": 0.05,
-    "forgetting_kl_max": 0.01,
-    "multiplier_none_small": 0.5,
-    "multiplier_none_large": (0.65, 0.74),
-    "multiplier_kl_min": 0.86,
-}
 
 
 def table(finetune: pd.DataFrame, pretrain: pd.DataFrame, target: float) -> pd.DataFrame:

@@ -40,7 +40,7 @@ def roles(labels: pd.Series) -> pd.Series:
 def frontier(pretrain: pd.DataFrame) -> pd.DataFrame:
     """The mix-fraction runs' final points: `fraction`, `new_loss` (mix_ntp), `old_loss`
     (valid_ntp), `on_frontier` (no other run is lower in both), sorted by new loss."""
-    last = pretrain.sort_values("step", kind="stable").groupby("run", sort=False).tail(1)
+    last = analysis.final_rows(pretrain)
     points = pd.DataFrame(
         {
             "fraction": last["mix.fraction"].astype(float).to_numpy(),

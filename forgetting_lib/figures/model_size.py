@@ -17,7 +17,6 @@ from . import analysis, capacity
 
 AXIS = "D"  # the pretraining stage's grid axis (model.D)
 PAPER = {
-    "D": [256, 384, 512, 640, 768],
     "params": [6e6, 12e6, 21e6, 32e6, 46e6],
     "forgetting": [0.264, 0.045, 0.018, 0.007, 0.006],
 }

@@ -10,13 +10,12 @@ probabilities) and draws the rest anew, so the two are related the way two natur
 share a vocabulary but not a grammar. A model that tells them apart must read the row's
 dataset-id token; a model with little capacity must share its parameters between them.
 
-Spec: `synthetic:<old|new>[?seed=0&words=128&branch=8&shared=0.5&alpha=1&doc_words=64&tokens=1000000]`.
+Spec: `synthetic:<old|new>[?seed=0&words=128&branch=8&shared=0.5&alpha=1&doc_words=64&tokens=0]`.
 `seed` and the shape keys define the language pair (the same keys give the same languages);
 `tokens` is how many words the stream yields before it ends (0, the default: it never ends, so
-give `binarize` a token limit). The
-text is the words separated by spaces (each word preceded by one, so a tokenizer that learns
-the lexicon encodes one word as one token). `iter_documents(..., seed=s)` draws stream `s` of the
-language: streams are independent, so a tokenizer's sample and a token file never share text.
+give `binarize` a token limit). The text is the words separated by spaces (each word preceded by
+one, so a tokenizer that learns the lexicon encodes one word as one token).
+`iter_documents(..., seed=s)` draws stream `s` of the language: streams are independent.
 
 Known entropy: the chain's entropy rate H = sum_s pi(s) H(P(s, .)) nats per word (EOS counted as
 a word) is exact. A tokenizer maps text to tokens one-to-one, so the token stream carries
@@ -60,7 +59,6 @@ class Language:
     name: str  # old | new
     lexicon: tuple[str, ...]  # [W] the words
     transitions: np.ndarray  # [W + 1, W + 1] row-stochastic; row W = document start
-    options: dict  # the spec's keys, defaults filled in
 
     @property
     def eos(self) -> int:
@@ -154,7 +152,7 @@ def _build(lang: str, shape: tuple) -> Language:
     for s in range(n):
         transitions[s, successors[s]] = probs[s] * (1.0 if s == words else 1.0 - end)
     transitions[:words, words] = end
-    return Language(lang, lexicon, transitions, {**o, "tokens": DEFAULTS["tokens"]})
+    return Language(lang, lexicon, transitions)
 
 
 def _lexicon(words: int, rng: np.random.Generator) -> tuple[str, ...]:
@@ -180,8 +178,8 @@ def stationary(transitions: np.ndarray) -> np.ndarray:
     n = len(transitions)
     a = np.vstack([transitions.T - np.eye(n), np.ones((1, n))])
     b = np.concatenate([np.zeros(n), [1.0]])
-    pi = np.linalg.lstsq(a, b, rcond=None)[0]
-    return np.clip(pi, 0.0, None) / np.clip(pi, 0.0, None).sum()
+    pi = np.clip(np.linalg.lstsq(a, b, rcond=None)[0], 0.0, None)
+    return pi / pi.sum()
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
@@ -245,18 +243,6 @@ def iter_documents(spec: str, *, seed: int = 0) -> Iterator[str]:
                 if remaining <= 0:
                     return
             pending[c] = stream[ends[-1] + 1 :] if len(ends) else stream
-
-
-def describe(spec: str) -> dict:
-    """What a notebook shows about a language: its shape and entropies."""
-    _, options = parse_spec(spec)
-    h = entropy(spec)
-    return {
-        **options,
-        "entropy_rate": h.rate,
-        "marginal_entropy": h.marginal,
-        "words_per_document": h.words_per_document,
-    }
 
 
 def unbounded(spec: str) -> bool:
