@@ -10,6 +10,7 @@ traceback instead. A run or sweep point that fails (a diverged loss) exits with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -77,11 +78,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from . import config as config_lib
+    from .engine import sharding
     from .engine.train import train_and_evaluate
 
+    sharding.initialize_from_env()  # one process of a multi-host run (SLURM srun, or JAX_* variables)
     cfg = config_lib.load(args.params, args.overrides)
     out = Path(args.out) if args.out else Path("outputs") / cfg.run.experiment / cfg.run.name
     result = train_and_evaluate(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    if not sharding.is_main_process():
+        raise SystemExit(0 if result.status == "finished" else 1)
     print(
         json.dumps(
             {
@@ -133,10 +138,54 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         table = cost.cost_table(points, mfu=args.mfu, peak_tflops=args.peak_tflops)
         print(cost.format_table(table, mfu=args.mfu, peak_tflops=args.peak_tflops))
         return
-    table = sweep.run_sweep(
-        args.spec, workers=args.workers, notebook=not args.no_notebook, stages=args.stage or None
-    )
+    executor = None
+    if args.executor != "local":  # the cluster gets every point at once (--workers does not apply)
+        from .experiments import executors
+
+        out = sweep.load_spec(args.spec).out
+        sweep.check(args.spec)  # a bad spec fails before a cluster is started or joined
+        try:
+            executor = (
+                executors.RayExecutor(args.address)
+                if args.executor == "ray"
+                else executors.SlurmExecutor(args.slurm_folder or out / "submitit", partition=args.partition)
+            )
+        except executors.ClusterError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    with executor or contextlib.nullcontext():  # leaving it (Ctrl-C too) cancels unfinished points
+        table = sweep.run_sweep(
+            args.spec,
+            workers=args.workers,
+            notebook=not args.no_notebook,
+            stages=args.stage or None,
+            executor=executor,
+        )
     if table["status"].isin(["failed", "blocked"]).any():  # a sweep that did not finish is not ok
+        raise SystemExit(1)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    """Compile each stage's programs from shapes and print their memory and FLOPs (no data, no GPU)."""
+    from . import runtime
+    from .experiments import fit
+
+    runtime.configure()  # the persistent compilation cache: a second check is faster
+    points = fit.load_points(args.spec, args.set or ())
+    stages = list(dict.fromkeys(p.stage for p in points if not args.stages or p.stage in args.stages))
+    print(f"compiling {', '.join(stages)} for {args.platform} (seconds to a minute per row)...", flush=True)
+    table = fit.fit_table(
+        points,
+        platform=args.platform,
+        dtype=args.dtype,
+        device_memory_gb=args.device_memory_gb,
+        stages=args.stages,
+        on_row=lambda r: print(
+            f"  {r['stage']}/{r['example']}: {r['peak_bytes'] / 2**30:.3g} GiB", flush=True
+        ),
+    )
+    print(fit.format_table(table, device_memory_gb=args.device_memory_gb, platform=args.platform))
+    if not table["fits"].all():  # scripts can test it
         raise SystemExit(1)
 
 
@@ -223,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     p.add_argument(
+        "--executor",
+        choices=("local", "ray", "slurm"),
+        default="local",
+        help="where points run: this machine (default), a Ray cluster, or SLURM jobs through submitit; "
+        "each point asks for its stage's `resources:`",
+    )
+    p.add_argument(
+        "--address",
+        help="ray: the cluster to join (auto = the one this machine belongs to; default: start one here)",
+    )
+    p.add_argument(
+        "--slurm-folder", help="slurm: folder for the job scripts and logs (default: <spec out>/submitit)"
+    )
+    p.add_argument("--partition", help="slurm: partition for the points whose stage's resources name none")
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="list the points and their folders and print the planned tokens, FLOPs and "
@@ -238,6 +302,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="dry run: accelerator peak TFLOP/s (default 989, H100 SXM dense bf16)",
     )
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "fit",
+        help="will it fit? compile each stage's train step, evaluators and replay sampler from shapes "
+        "(no data, no accelerator) and print FLOPs and peak memory against the device's",
+    )
+    p.add_argument("spec", help="sweep spec or figure parameter file (`sweep:` key), or a run config YAML")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        help="activation dtype to check (default: the config's model.dtype; auto = bfloat16 on gpu/tpu)",
+    )
+    p.add_argument(
+        "--platform",
+        choices=("gpu", "tpu", "cpu"),
+        default="gpu",
+        help="platform whose automatic settings (dtype, microbatches, batch sizes) are used (default gpu)",
+    )
+    p.add_argument(
+        "--device-memory-gb", type=float, default=80.0, help="device memory in GB (1e9 bytes; default 80)"
+    )
+    p.add_argument("--stages", nargs="+", help="only these stages (default: all)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="dotted override for every point, e.g. --set data.microbatch_rows=64 (repeatable)",
+    )
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("reproduce", help="run the data notebooks and every figure notebook at a scale")
     p.add_argument("figures", nargs="*", help="only these figures, e.g. method_comp (default: all)")

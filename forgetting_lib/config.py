@@ -65,6 +65,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    # devices a run is split over (engine/sharding.py): data x fsdp x tensor must equal the device count
+    # of all processes, or be 1 x 1 x 1 (one device, the default); -1 on one axis takes the rest
+    data: int = 1  # data parallel: batch rows split, parameters replicated
+    fsdp: int = 1  # fully sharded data parallel: batch rows and parameters/optimizer state split
+    tensor: int = 1  # tensor parallel: attention heads, MLP width and vocabulary split
+
+
+@dataclass(frozen=True)
 class RegConfig:
     method: str = "none"  # a regulariser: none | ntp_pre | kl_pre | kl_dwn | replace | ewc | l2sp
     # (engine/regularisers.py)
@@ -127,6 +136,12 @@ class LogConfig:
     teacher_cache_mb: float = 4096  # memory for the parent's side of that KL, computed once per run:
     # per eval set its next-token probabilities (4 V bytes/token) if they fit, else its hidden
     # states (4 D bytes/token), else none (a parent forward at every evaluation, ~2x eval cost)
+    # Optional mirrors of metrics.jsonl (trackers.py; pip install 'forgetting_lib[trackers]'):
+    wandb: bool = False  # also log every metrics row to Weights & Biases (files in <run>/wandb/)
+    wandb_project: str = "forgetting"  # the W&B project the run is logged to
+    wandb_mode: str = "auto"  # auto | online | offline (auto: online only where WANDB_MODE says so
+    # or W&B credentials are set up, else offline: upload with `wandb sync <run>/wandb/offline-run-*`)
+    tensorboard: bool = False  # also write TensorBoard event files to <run>/tensorboard/
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,7 @@ class Config:
     reg: RegConfig = field(default_factory=RegConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     parent: ParentConfig = field(default_factory=ParentConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,6 +176,11 @@ ARCHITECTURE = ("D", "L", "H", "V")  # model keys a finetune takes from its pare
 # `setup_notebook()` work). Stored in a run folder's config.yaml, they are relative to that
 # folder, with `written_at` (the folder's absolute path then) as the fallback for a folder moved
 # away from what it names; see runs.py.
+# Keys that change how a run is watched or where it runs, not what it computes (a mesh changes
+# only the order of float sums): a run may be resumed, and a finished sweep point reused, with
+# other values.
+NEUTRAL_KEYS = ("log.progress", "log.wandb", "log.wandb_project", "log.wandb_mode", "log.tensorboard")
+NEUTRAL_SECTIONS = ("mesh.",)
 PATH_KEYS = ("data.path", "mix.path", "model.load_path", "parent.data_path")
 WRITTEN_AT = "written_at"
 
@@ -372,6 +393,14 @@ def validate(cfg: Config) -> None:
         f"data.batch_size={d.batch_size} (or be 0 for automatic)",
     )
     _check(d.valid_tokens >= 0, "data.valid_tokens", "data.valid_tokens must be >= 0")
+    mesh = cfg.mesh
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    _check(
+        all(n >= 1 or n == -1 for n in sizes) and sizes.count(-1) <= 1,
+        "mesh.data",
+        f"mesh.data={mesh.data}, mesh.fsdp={mesh.fsdp}, mesh.tensor={mesh.tensor}: each must be a "
+        f"positive device count, or -1 on one of them for all the devices left",
+    )
     _check(0 <= cfg.mix.fraction < 1, "mix.fraction", f"mix.fraction={cfg.mix.fraction} must be in [0, 1)")
     _check(
         not (cfg.mix.fraction > 0 and not cfg.mix.path),
@@ -405,6 +434,17 @@ def validate(cfg: Config) -> None:
         )
     _check(cfg.log.every_tokens > 0, "log.every_tokens", "log.every_tokens must be positive")
     _check(cfg.log.teacher_cache_mb >= 0, "log.teacher_cache_mb", "log.teacher_cache_mb must be >= 0")
+    _check(
+        cfg.log.wandb_mode in ("auto", "online", "offline"),
+        "log.wandb_mode",
+        f"log.wandb_mode={cfg.log.wandb_mode!r} must be auto, online or offline",
+    )
+    _check(
+        bool(cfg.log.wandb_project) and not set(cfg.log.wandb_project) & set("/\\#?%:"),
+        "log.wandb_project",
+        f"log.wandb_project={cfg.log.wandb_project!r} must be a non-empty W&B project name "
+        f"without / \\ # ? % :",
+    )
     _validate_finetuning(cfg)
 
 

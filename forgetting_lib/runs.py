@@ -264,7 +264,8 @@ def prepare_run_dir(
     differ = sorted(
         k
         for k in new.keys() | old.keys()
-        if k != "log.progress"
+        if k not in config_lib.NEUTRAL_KEYS
+        and not k.startswith(config_lib.NEUTRAL_SECTIONS)
         and not (_same_path(new.get(k), old.get(k)) if k in paths else new.get(k) == old.get(k))
     )
     if differ:

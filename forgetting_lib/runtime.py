@@ -5,12 +5,18 @@ Call `configure()` once at an entry point (the training loop and the CLI do); it
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import os
 from pathlib import Path
+from typing import Iterator
 
 _done = False
+# The platform the engine's automatic settings are chosen for, where it is not the one this
+# process runs on (an ahead-of-time check on a CPU for an accelerator: engine/aot.py).
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("forgetting_target", default=None)
 
 
 def configure(cache_dir: str | Path | None = None) -> None:
@@ -50,3 +56,26 @@ def keep_host_allocations() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") the engine's automatic settings are chosen for: the
+    activation dtype, microbatches, loss chunks, evaluation and sampling batch sizes. JAX's default
+    backend, unless `targeting` names another one."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
+    import jax
+
+    return jax.default_backend()
+
+
+@contextlib.contextmanager
+def targeting(name: str) -> Iterator[None]:
+    """Within this block (in this thread), `platform()` is `name`: programs traced here are built as
+    they would be on that platform (compiled for this one)."""
+    token = _TARGET.set(name)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .. import config as config_lib
+from .. import config as config_lib, runtime
 from . import data as data_lib, lora as lora_lib, model as model_lib, regularisers, replay as replay_lib
 from .evaluate import make_evaluator, make_teacher_pass, teacher_forms
 from .finetune import Parent, load_parent
+from .sharding import Placement, make_mesh
 from .step import auto_microbatches, full_params, make_objective, make_optimizer, make_train_step
 
 # Named streams of the run's root key (see STYLE: one root key, split by name).
@@ -49,16 +50,19 @@ class Setup:
     # side (evaluate.TEACHER_FORMS) and, once computed, the cache itself
     teacher_forms: dict[str, str] = field(default_factory=dict)
     teacher_cache: dict[str, Any] = field(default_factory=dict)
+    placement: Placement = field(default_factory=Placement)  # one device, or a mesh (engine/sharding.py)
 
     @property
     def lora(self) -> bool:
         return self.cfg.lora.rank > 0
 
 
-def auto_eval_rows(T: int) -> int:
+def auto_eval_rows(T: int, devices: int = 1) -> int:
     """Evaluation rows per scan step: ~1K tokens on a CPU (cache-resident; measured fastest for
-    the tutorial model, 20% faster than 16K tokens), 64K tokens on accelerators."""
-    return max(1, (1024 if jax.default_backend() == "cpu" else 65536) // T)
+    the tutorial model, 20% faster than 16K tokens), 64K tokens on accelerators; a multiple of
+    the `devices` a mesh splits rows over."""
+    rows = max(1, (1024 if runtime.platform() == "cpu" else 65536) // T)
+    return math.ceil(rows / devices) * devices
 
 
 def total_steps_for(cfg: config_lib.Config, tokens_per_step: int, rows_per_epoch_step: float) -> int | None:
@@ -74,12 +78,44 @@ def total_steps_for(cfg: config_lib.Config, tokens_per_step: int, rows_per_epoch
     return None
 
 
-def build_setup(cfg: config_lib.Config) -> Setup:
-    """Open the data, size the run, and build (not yet compile) the model and optimizer."""
-    d, m, r = cfg.data, cfg.model, cfg.reg
+def batch_rows(cfg: config_lib.Config) -> tuple[int, int, int]:
+    """(replay rows replacing part of each batch (reg.method=replace), rows from the training
+    data, of which from mix.path)."""
+    d, r = cfg.data, cfg.reg
     replace_rows = math.floor(r.coeff * d.batch_size) if regularisers.get(r.method).coeff_is_fraction else 0
     new_rows = d.batch_size - replace_rows  # rows of each batch from the (new) training data
-    mix_rows = data_lib.mix_row_count(new_rows, cfg.mix.fraction)
+    return replace_rows, new_rows, data_lib.mix_row_count(new_rows, cfg.mix.fraction)
+
+
+def replay_row_counts(cfg: config_lib.Config) -> tuple[int, int]:
+    """A finetune's (replay rows fed to each step, rows per batch of its replay source): the
+    replaced rows (replace), reg.replay_batch_size or data.batch_size (ntp_pre, kl_pre), else 0
+    rows per step (a source, if any, serves the Fisher's batches)."""
+    r, method = cfg.reg, regularisers.get(cfg.reg.method)
+    if method.coeff_is_fraction:  # replay rows replace part of every batch
+        rows = batch_rows(cfg)[0]
+    else:
+        rows = (r.replay_batch_size or cfg.data.batch_size) if method.replay_rows else 0
+    return rows, rows or r.replay_batch_size or cfg.data.batch_size
+
+
+def sampler_chunks(cfg: config_lib.Config, source_rows: int, total_steps: int | None) -> int:
+    """Self-generated replay chunks sampled per sampler call (replay.auto_chunks_per_call)."""
+    r = cfg.reg
+    chunks = None if total_steps is None else math.ceil(total_steps / (r.buffer * r.reuse))
+    return replay_lib.auto_chunks_per_call(
+        r.buffer * source_rows, chunks, model_lib.kv_cache_bytes(cfg.model, cfg.data.T)
+    )
+
+
+def build_setup(cfg: config_lib.Config) -> Setup:
+    """Open the data, size the run, and build (not yet compile) the model and optimizer."""
+    d, m = cfg.data, cfg.model
+    placement = Placement(make_mesh(cfg.mesh))
+    placement.check_rows(d.batch_size, "data.batch_size")
+    if d.microbatch_rows:
+        placement.check_rows(d.microbatch_rows, "data.microbatch_rows")
+    _, new_rows, mix_rows = batch_rows(cfg)
     main = data_lib.open_rows(
         d.path,
         T=d.T,
@@ -88,8 +124,10 @@ def build_setup(cfg: config_lib.Config) -> Setup:
         vocab_size=m.V,
         min_train_rows=new_rows - mix_rows,
     )
-    eval_rows = d.eval_batch_size or auto_eval_rows(d.T)
-    eval_sets = {"valid": data_lib.eval_batches(main, eval_rows)}
+    eval_rows = d.eval_batch_size or auto_eval_rows(d.T, placement.batch_devices)
+    placement.check_rows(eval_rows, "data.eval_batch_size")
+    multiple = placement.batch_devices
+    eval_sets = {"valid": data_lib.eval_batches(main, eval_rows, multiple=multiple)}
     mix = None
     if mix_rows:
         mix = data_lib.open_rows(
@@ -101,7 +139,7 @@ def build_setup(cfg: config_lib.Config) -> Setup:
             min_train_rows=mix_rows,
         )
         if cfg.mix.valid_tokens > 0:
-            eval_sets["mix"] = data_lib.eval_batches(mix, eval_rows)
+            eval_sets["mix"] = data_lib.eval_batches(mix, eval_rows, multiple=multiple)
     parent_fp = cfg.parent.tokenizer_fingerprint if m.load_path else ""
     if parent_fp:
         _check_tokenizer(main, parent_fp, f"the parent run {m.load_path}")
@@ -122,21 +160,28 @@ def build_setup(cfg: config_lib.Config) -> Setup:
         eval_every=max(1, round(cfg.log.every_tokens / tokens_per_step)),
         checkpoint_every=None if ckpt is None else max(1, round(ckpt / tokens_per_step)),
         num_params=model_lib.param_formula(m),
+        placement=placement,
     )
     if m.load_path:
-        _attach_parent(setup, eval_rows, replace_rows)
+        _attach_parent(setup, eval_rows)
         if cfg.log.eval_kl:
             shapes = {k: t.shape for k, (t, _) in setup.eval_sets.items()}
             setup.teacher_forms = teacher_forms(shapes, m.D, m.V, cfg.log.teacher_cache_mb)
-    setup.eval_sets = {k: (jnp.asarray(t), jnp.asarray(msk)) for k, (t, msk) in setup.eval_sets.items()}
+    if placement.mesh is None:
+        setup.eval_sets = {k: (jnp.asarray(t), jnp.asarray(msk)) for k, (t, msk) in setup.eval_sets.items()}
+    else:  # the rows of every eval batch split over the mesh: [nb, Be, T], [nb, Be] along Be
+        setup.eval_sets = {
+            k: tuple(placement.rows(lambda a, b, x=x: x[:, a:b], x.shape, axis=1) for x in (t, msk))
+            for k, (t, msk) in setup.eval_sets.items()
+        }
     return setup
 
 
-def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
+def _attach_parent(setup: Setup, eval_rows: int) -> None:
     """Finetuning: the frozen parent, its validation rows as `prev`, the replay source, the Fisher."""
     cfg, p, r = setup.cfg, setup.cfg.parent, setup.cfg.reg
     method = regularisers.get(r.method)
-    setup.parent = load_parent(cfg)
+    setup.parent = load_parent(cfg, setup.placement)
     setup.ctx["frozen"] = setup.parent.params
     try:
         prev = data_lib.open_rows(
@@ -163,12 +208,9 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
     if prev is not None:
         if p.tokenizer_fingerprint:
             _check_tokenizer(prev, p.tokenizer_fingerprint, f"the parent run {cfg.model.load_path}")
-        setup.eval_sets["prev"] = data_lib.eval_batches(prev, eval_rows)
-    if method.coeff_is_fraction:  # replay rows replace part of every batch
-        setup.replay_rows = replace_rows
-    elif method.replay_rows:
-        setup.replay_rows = r.replay_batch_size or cfg.data.batch_size
-    source_rows = setup.replay_rows or r.replay_batch_size or cfg.data.batch_size
+        multiple = setup.placement.batch_devices
+        setup.eval_sets["prev"] = data_lib.eval_batches(prev, eval_rows, multiple=multiple)
+    setup.replay_rows, source_rows = replay_row_counts(cfg)
     if setup.replay_rows == 0 and not method.fisher:
         return
     if r.synth:
@@ -187,14 +229,11 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
             r.buffer,
             jax.random.fold_in(jax.random.key(cfg.run.seed), KEY_REPLAY),
             r.temperature,
-            replay_lib.auto_chunks_per_call(
-                r.buffer * source_rows,
-                None if setup.total_steps is None else math.ceil(setup.total_steps / (r.buffer * r.reuse)),
-                model_lib.kv_cache_bytes(cfg.model, cfg.data.T),
-            ),
+            sampler_chunks(cfg, source_rows, setup.total_steps),
             top_p=r.top_p,
             reuse=r.reuse,
             seed=cfg.run.seed,
+            placement=setup.placement,
         )
     else:
         if len(prev.train_rows) < source_rows:
@@ -206,8 +245,8 @@ def _attach_parent(setup: Setup, eval_rows: int, replace_rows: int) -> None:
         setup.replay = replay_lib.RealReplay(prev, source_rows, cfg.run.seed)
     if method.fisher:
         batches = [setup.replay.batch(i) for i in range(r.fisher_batches)]
-        setup.ctx["fisher"] = replay_lib.diagonal_fisher(
-            model_lib.make_hidden(setup.graphdef), setup.parent.params, batches
+        setup.ctx["fisher"] = setup.placement.put(
+            replay_lib.diagonal_fisher(model_lib.make_hidden(setup.graphdef), setup.parent.params, batches)
         )
 
 
@@ -230,21 +269,38 @@ def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
     """Ahead-of-time compile the train step, the evaluators, the parent's passes that fill the
     evaluation's teacher cache, and the replay sampler; returns compile seconds."""
     start = time.perf_counter()
+    with setup.placement.active():  # a mesh's activation constraints apply while tracing
+        _compile_all(setup, trainable, opt_state)
+    return time.perf_counter() - start
+
+
+def _compile_all(setup: Setup, trainable: Any, opt_state: Any) -> None:
     hidden = model_lib.make_hidden(setup.graphdef)
-    d, r = setup.cfg.data, setup.cfg.reg
-    new = jax.ShapeDtypeStruct((setup.batcher.batch_size, d.T), jnp.int32)
-    replay = jax.ShapeDtypeStruct((setup.replay_rows, d.T), jnp.int32)
+    d, r, place = setup.cfg.data, setup.cfg.reg, setup.placement
+    rows = place.rows_sharding()
+    new = jax.ShapeDtypeStruct((setup.batcher.batch_size, d.T), jnp.int32, sharding=rows)
+    replay = jax.ShapeDtypeStruct((setup.replay_rows, d.T), jnp.int32, sharding=rows)
+    place.check_rows(setup.replay_rows, "replay rows per step (reg.replay_batch_size or reg.coeff x batch)")
     replace = regularisers.get(r.method).coeff_is_fraction
-    micro = auto_microbatches(d.batch_size, d.T, d.microbatch_rows, 0 if replace else setup.replay_rows)
+    micro = auto_microbatches(
+        d.batch_size, d.T, d.microbatch_rows, 0 if replace else setup.replay_rows, place.batch_devices
+    )
     materialize = (lambda tr, ctx: lora_lib.merge(ctx["frozen"], tr)) if setup.lora else full_params
     objective = make_objective(hidden, r, materialize)
+    shardings = None if place.mesh is None else (place.tree(trainable), place.tree(opt_state))
     setup.compiled["step"] = (
-        make_train_step(objective, setup.optimizer, micro, replace)
+        make_train_step(objective, setup.optimizer, micro, replace, shardings)
         .lower(trainable, opt_state, setup.ctx, new, replay)
         .compile()
     )
-    setup.compiled["materialize"] = jax.jit(materialize)
     params = jax.eval_shape(materialize, trainable, setup.ctx)
+    if place.mesh is None:
+        setup.compiled["materialize"] = jax.jit(materialize)
+    else:
+        setup.compiled["materialize"] = jax.jit(materialize, out_shardings=place.tree(params))
+        params = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), params, place.tree(params)
+        )
     for name, (tokens, mask) in setup.eval_sets.items():
         form = setup.teacher_forms.get(name)
         teacher_in = setup.ctx["frozen"] if form == "params" else None
@@ -256,4 +312,3 @@ def compile_all(setup: Setup, trainable: Any, opt_state: Any) -> float:
         setup.compiled[f"eval_{name}"] = evaluator.lower(params, teacher_in, tokens, mask).compile()
     if isinstance(setup.replay, replay_lib.SelfGeneratedReplay):
         setup.replay.compile()
-    return time.perf_counter() - start

@@ -132,19 +132,22 @@ class Batcher:
     mix: TokenRows | None = None
     mix_rows: int = 0  # m: rows per batch drawn from `mix`
 
-    def batch(self, step: int) -> np.ndarray:
-        """int32 [B, T] for this step."""
+    def batch(self, step: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """int32 [B, T] for this step, or only its rows start..stop-1 (only those are read: each
+        process of a multi-host run reads the rows its devices hold)."""
+        stop = self.batch_size if stop is None else stop
         n_main = self.batch_size - self.mix_rows
         idx = positions_to_rows(
             self.main.train_rows, step * n_main, n_main, seed=self.seed, stream=STREAM_TRAIN
         )
-        rows = self.main.rows(idx)
+        rows = self.main.rows(idx[start:stop])
         if self.mix is None or self.mix_rows == 0:
             return rows
         mix_idx = positions_to_rows(
             self.mix.train_rows, step * self.mix_rows, self.mix_rows, seed=self.seed, stream=STREAM_MIX
         )
-        return np.concatenate([rows, self.mix.rows(mix_idx)], axis=0)
+        mix = self.mix.rows(mix_idx[max(start - n_main, 0) : max(stop - n_main, 0)])
+        return np.concatenate([rows, mix], axis=0)
 
     def epochs(self, step: int) -> float:
         """Passes over the main train rows completed after `step` steps."""
@@ -159,20 +162,21 @@ def mix_row_count(batch_size: int, fraction: float) -> int:
 
 
 def eval_batches(
-    rows: TokenRows, eval_batch_size: int, *, which: str = "valid"
+    rows: TokenRows, eval_batch_size: int, *, which: str = "valid", multiple: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """All validation rows as [nb, Be, T] int32 plus a [nb, Be] float32 mask (0 = padding row)."""
     indices = rows.valid_rows if which == "valid" else rows.train_rows
     if len(indices) == 0:
         raise DataError(f"{rows.path}: no {which} rows to evaluate on; set a positive valid_tokens")
-    return batched(rows.rows(indices), eval_batch_size)
+    return batched(rows.rows(indices), eval_batch_size, multiple)
 
 
-def batched(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [n, T] (n >= 1) as [nb, Be, T] batches of Be = min(batch_size, n) rows plus a [nb, Be]
-    float32 mask (0 = padding row: padding repeats early rows, which the mask zeroes)."""
+def batched(rows: np.ndarray, batch_size: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [n, T] (n >= 1) as [nb, Be, T] batches of Be = min(batch_size, n rounded up to a
+    `multiple`) rows plus a [nb, Be] float32 mask (0 = padding row: padding repeats early rows,
+    which the mask zeroes). A mesh splits every batch's Be rows over its `multiple` devices."""
     n, T = rows.shape
-    Be = min(batch_size, n)
+    Be = min(batch_size, math.ceil(n / multiple) * multiple)
     nb = math.ceil(n / Be)
     padded = rows[np.resize(np.arange(n), nb * Be)]
     mask = (np.arange(nb * Be) < n).astype(np.float32)

@@ -20,6 +20,7 @@ from .. import config as config_lib, runs
 from ..prep.binarize import TokenFileError, read_token_file
 from . import checkpoint, data as data_lib, model as model_lib
 from .sampling import make_sampler, sample_from_id
+from .sharding import Placement
 
 KEY_MODEL = 0  # the model-init stream of a run's root key (shared with train.py)
 
@@ -103,8 +104,9 @@ class Parent:
     init_distance: float
 
 
-def load_parent(cfg: config_lib.Config) -> Parent:
-    """Parameters of the (resolved) config's parent, from its checkpoint."""
+def load_parent(cfg: config_lib.Config, placement: Placement | None = None) -> Parent:
+    """Parameters of the (resolved) config's parent, from its checkpoint, placed by `placement`
+    (one device by default, or sharded over a mesh)."""
     path = Path(cfg.model.load_path)
     _, abstract = model_lib.abstract_params(cfg.model)
     stored, _ = checkpoint.load(path / runs.CHECKPOINT, {"params": abstract})
@@ -113,6 +115,8 @@ def load_parent(cfg: config_lib.Config) -> Parent:
         cfg.model, key=jax.random.fold_in(jax.random.key(cfg.parent.seed), KEY_MODEL)
     )
     distance = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, params, init)))
+    if placement is not None and placement.mesh is not None:
+        params = placement.put(stored["params"])
     return Parent(path=path, params=params, init_distance=distance)
 
 

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .. import runtime
 from ..config import ModelConfig
+from .sharding import constrain_rows
 
 Cache = list[dict[str, jax.Array]]  # per block: {"k": [B, N, S, H], "v": [B, N, S, H]}
 Forward = Callable[[nnx.State, jax.Array], jax.Array]
@@ -33,7 +35,7 @@ Forward = Callable[[nnx.State, jax.Array], jax.Array]
 def resolve_dtype(name: str) -> jnp.dtype:
     """`auto` = bfloat16 on accelerators, float32 on CPU (measured: benchmarks/train_throughput.py)."""
     if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        name = "float32" if runtime.platform() == "cpu" else "bfloat16"
     return jnp.dtype(name)
 
 
@@ -135,11 +137,12 @@ class Transformer(nnx.Module):
         self, tokens: jax.Array, cache: Cache | None, start: jax.Array | int
     ) -> tuple[jax.Array, Cache | None]:
         positions = start + jnp.arange(tokens.shape[1])  # [T]
-        x = self.embed[...].astype(self.dtype)[tokens]  # [B, T, D]
+        x = constrain_rows(self.embed[...].astype(self.dtype)[tokens])  # [B, T, D], rows split on a mesh
         new_cache: Cache | None = [] if cache is not None else None
         run_block = _run_block_remat if self.cfg.remat and cache is None else _run_block
         for i, block in enumerate(self.blocks):
             x, c = run_block(block, x, positions, None if cache is None else cache[i], start)
+            x = constrain_rows(x)
             if new_cache is not None:
                 new_cache.append(c)
         return rms_norm(x), new_cache

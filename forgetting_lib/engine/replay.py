@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import runtime
 from .data import STREAM_REPLAY, STREAM_REUSE, TokenRows, positions_to_rows
 from .losses import ntp_from_hidden
 from .sampling import make_sampler, sample_from_id
+from .sharding import Placement
 
 
 @dataclass
@@ -78,6 +80,7 @@ class SelfGeneratedReplay:
     top_p: float = 1.0  # nucleus sampling mass (1 = the full softmax)
     reuse: int = 1  # passes over each chunk (1 = each row replayed once)
     seed: int = 0  # the run seed: the order of the passes after the first
+    placement: Placement = field(default_factory=Placement)  # on a mesh, rows are sampled split over it
     sample_time_s: float = 0.0
     sampled_rows: int = 0
     _chunks: dict[int, jax.Array] = field(default_factory=dict, repr=False)  # chunk -> [buffer, R, T]
@@ -111,8 +114,11 @@ class SelfGeneratedReplay:
     def compile(self) -> None:
         """Compile the sampler ahead of time for this source's call shape (outside train time)."""
         rows = self.chunks_per_call * self.buffer * self.batch_size
-        prompt = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
-        keys = jax.eval_shape(lambda: self._keys(0))
+        self.placement.check_rows(rows, "self-generated replay rows per sampler call")
+        prompt = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=self.placement.rows_sharding())
+        keys = jax.ShapeDtypeStruct((self.chunks_per_call,), self.key.dtype)  # self._keys(first)
+        if self.placement.mesh is not None:
+            keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.placement.replicated())
         self._sampler = self._jitted().lower(self.params, prompt, keys).compile()
 
     def _jitted(self) -> Callable:
@@ -128,9 +134,15 @@ class SelfGeneratedReplay:
             self._sampler = self._jitted()
         G, shape = self.chunks_per_call, (self.chunks_per_call, self.buffer, self.batch_size, self.T)
         start = time.perf_counter()
-        rows = sample_from_id(
-            self._sampler, self.params, self.dataset_token, math.prod(shape[:3]), self._keys(first)
-        )
+        n = math.prod(shape[:3])
+        if self.placement.mesh is None:
+            rows = sample_from_id(self._sampler, self.params, self.dataset_token, n, self._keys(first))
+        else:  # prompts split over the mesh, keys on every device
+            prompt = self.placement.rows(
+                lambda a, b: np.full((b - a, 1), self.dataset_token, np.int32), (n, 1)
+            )
+            keys = jax.jit(self._keys, out_shardings=self.placement.replicated())(first)
+            rows = self._sampler(self.params, prompt, keys)
         rows = rows.reshape(shape).block_until_ready()  # [G, buffer, R, T]
         self._chunks = {first + g: rows[g] for g in range(G)}
         self.sample_time_s += time.perf_counter() - start
@@ -147,7 +159,7 @@ def auto_chunks_per_call(chunk_rows: int, chunks: int | None, cache_bytes_per_ro
     512 at 1.14x, benchmarks/sampling.py; a run that stops early, at its target loss, wastes the
     rest of its last call), never more than the run's `chunks` (None: unknown length) nor a KV
     cache over `SAMPLE_CACHE_BYTES`."""
-    target = SAMPLE_ROWS if jax.default_backend() == "cpu" else 4 * SAMPLE_ROWS
+    target = SAMPLE_ROWS if runtime.platform() == "cpu" else 4 * SAMPLE_ROWS
     rows = min(target, SAMPLE_CACHE_BYTES // max(cache_bytes_per_row, 1))
     return max(1, min(rows // chunk_rows, chunks or rows))
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .. import runtime
 from ..config import OptConfig, RegConfig
 from . import regularisers
 from .losses import ntp_from_hidden
@@ -84,7 +85,11 @@ def make_objective(hidden: Hidden, reg: RegConfig, materialize: Materialize = fu
 
 
 def make_train_step(
-    objective: Callable, optimizer: optax.GradientTransformation, microbatches: int = 1, replace: bool = False
+    objective: Callable,
+    optimizer: optax.GradientTransformation,
+    microbatches: int = 1,
+    replace: bool = False,
+    shardings: tuple[Any, Any] | None = None,
 ) -> Callable:
     """step(trainable, opt_state, ctx, new [B, T], replay [R, T]) -> (trainable, opt_state, stats).
 
@@ -93,6 +98,11 @@ def make_train_step(
     `microbatches` > 1 the gradient is accumulated over that many equal slices of both batches in a
     `lax.scan` (the same mean up to float summation order; on a CPU, slices of ~512 tokens keep
     activations in cache: ~1.5x faster for the tutorial model).
+
+    `shardings` (on a device mesh, engine/sharding.py): the (trainable, optimizer state)
+    shardings the step returns its state in, so that every step keeps the same placement. The
+    microbatch slices are then strided (slice m holds rows m, m + M, ...), so that every slice
+    keeps rows on every device.
     """
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
 
@@ -102,10 +112,16 @@ def make_train_step(
         if microbatches == 1:
             return value_and_grad(trainable, ctx, new, replay)
         T = new.shape[-1]
-        slices = (
-            new.reshape(microbatches, new.shape[0] // microbatches, T),  # [M, B/M, T]
-            replay.reshape(microbatches, replay.shape[0] // microbatches, T),
-        )  # [M, R/M, T]
+        if shardings is None:
+            slices = (
+                new.reshape(microbatches, new.shape[0] // microbatches, T),  # [M, B/M, T]
+                replay.reshape(microbatches, replay.shape[0] // microbatches, T),
+            )  # [M, R/M, T]
+        else:
+            slices = (
+                new.reshape(new.shape[0] // microbatches, microbatches, T).swapaxes(0, 1),  # [M, B/M, T]
+                replay.reshape(replay.shape[0] // microbatches, microbatches, T).swapaxes(0, 1),
+            )  # [M, R/M, T]
 
         def body(acc, xs):
             return jax.tree.map(jnp.add, acc, value_and_grad(trainable, ctx, *xs)), None
@@ -121,16 +137,18 @@ def make_train_step(
             updates, opt_state = optimizer.update(g, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, {"ntp": loss, "reg": reg_value}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*shardings, None))
 
 
-def auto_microbatches(batch_size: int, T: int, rows: int = 0, replay_rows: int = 0) -> int:
+def auto_microbatches(batch_size: int, T: int, rows: int = 0, replay_rows: int = 0, devices: int = 1) -> int:
     """Gradient-accumulation slices: `batch_size / rows` if rows is set; else on a CPU the largest
     count with >= 512 tokens per slice that divides the batch (and the replay batch); 1 on
-    accelerators."""
+    accelerators and on a mesh of `devices` > 1."""
     if rows:
         count = batch_size // rows
-    elif jax.default_backend() != "cpu":
+    elif runtime.platform() != "cpu" or devices > 1:
         count = 1
     else:
         per_slice = min(batch_size, max(1, math.ceil(512 / T)))

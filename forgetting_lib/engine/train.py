@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import config as config_lib, runs, runtime
+from .. import config as config_lib, runs, runtime, trackers as trackers_lib
 from ..progress import Progress
-from . import checkpoint, lora as lora_lib, model as model_lib, replay as replay_lib
+from . import checkpoint, lora as lora_lib, model as model_lib, replay as replay_lib, sharding
 from .assemble import KEY_LORA, Setup, build_setup, compile_all
 from .evaluate import distance, identical, weight_norm
 from .finetune import KEY_MODEL, resolve
@@ -72,10 +73,15 @@ def train_and_evaluate(
     """Train per `cfg`, writing the run folder `out_dir`; see the module docstring.
 
     `on_eval(row)` is called with every metrics row as it is written (e.g. to update a live plot).
+
+    In a multi-process run (engine/sharding.py) every process calls this with the same arguments;
+    process 0 alone writes the folder, the others compute their share and read it.
     """
     runtime.configure()
     out_dir = Path(out_dir)
     cfg = resolve(cfg)  # a finetuning run reads its architecture and parent split from the parent
+    if not sharding.is_main_process():
+        return _follow(cfg, out_dir, on_eval)
     existed = out_dir.exists()
     with runs.lock(out_dir):  # one writer per run folder
         try:
@@ -87,6 +93,7 @@ def train_and_evaluate(
                 defaults=config_lib.Config().to_dict(),
             )
             if state == "finished":
+                sharding.sync("run folder ready")
                 return _finished(out_dir)
             runs.remove_stale_temporaries(out_dir)
             setup = build_setup(cfg)  # fails early (naming the file) on missing or unfit data
@@ -97,33 +104,80 @@ def train_and_evaluate(
         if state == "new":
             runs.reset_run_files(out_dir)  # a refused or crashed start left at most a config
             runs.write_config(out_dir, cfg.to_dict())
+        sharding.sync("run folder ready")
         return _run(setup, out_dir, on_eval)
+
+
+def _follow(
+    cfg: config_lib.Config, out_dir: Path, on_eval: Callable[[dict[str, Any]], None] | None
+) -> RunResult:
+    """A process other than 0 of a multi-process run: wait until process 0 has prepared the
+    folder, then train in step with it, writing nothing."""
+    sharding.sync("run folder ready")
+    if runs.is_finished(out_dir):
+        return _finished(out_dir)
+    return _run(build_setup(cfg), out_dir, on_eval)
 
 
 def _run(setup: Setup, out_dir: Path, on_eval: Callable[[dict[str, Any]], None] | None) -> RunResult:
     """Train from the folder's last checkpoint (or from the start) to a stop rule; write the summary."""
-    cfg = setup.cfg
     params, opt_state, tracker = _initial_state(setup, out_dir)
+    if not sharding.is_main_process():
+        return _train(setup, out_dir, on_eval, params, opt_state, tracker)
+    # optional mirrors of metrics.jsonl (log.wandb, log.tensorboard), closed however the run ends
+    with trackers_lib.open_trackers(setup.cfg, out_dir, resumed_step=tracker.step) as mirrors:
+
+        def observe(row: dict[str, Any]) -> None:
+            mirrors.log(row)
+            if on_eval is not None:
+                on_eval(row)
+
+        result = _train(setup, out_dir, observe, params, opt_state, tracker)
+        mirrors.finish(runs.read_summary(out_dir))
+    return result
+
+
+def _train(
+    setup: Setup,
+    out_dir: Path,
+    on_eval: Callable[[dict[str, Any]], None] | None,
+    params: Any,
+    opt_state: Any,
+    tracker: Tracker,
+) -> RunResult:
+    cfg, main = setup.cfg, sharding.is_main_process()
     compile_s = compile_all(setup, params, opt_state)
     wall_start = time.perf_counter()
     if tracker.step == 0:
         row = _evaluate(setup, params, tracker, {"train_ntp": None, "train_reg": None})
-        runs.append_metrics(out_dir, row)
-        if on_eval is not None:
-            on_eval(row)
+        _record(out_dir, row, on_eval)
         if setup.replay_rows:
             _keep_replay_rows(setup, tracker, out_dir)
-    with Progress("train", total=_total_tokens(setup), unit="tok", enabled=cfg.log.progress) as bar:
+    enabled = cfg.log.progress and main
+    with Progress("train", total=_total_tokens(setup), unit="tok", enabled=enabled) as bar:
         bar.update(tracker.step * setup.tokens_per_step)
         params, opt_state, status, reason, failed_at = _loop(
             setup, params, opt_state, tracker, out_dir, bar, on_eval
         )
     wall_s = time.perf_counter() - wall_start
+    if not main:
+        sharding.sync("summary written")
+        final = _last_finite(runs.read_metrics(out_dir))
+        return RunResult(out_dir, status, reason, tracker.step, tracker.step * setup.tokens_per_step, final)
     summary = _summary(setup, tracker, status, reason, compile_s, wall_s, out_dir, failed_at)
     runs.write_summary(out_dir, summary)
+    sharding.sync("summary written")
     return RunResult(
         out_dir, status, reason, tracker.step, tracker.step * setup.tokens_per_step, summary["final"]
     )
+
+
+def _record(out_dir: Path, row: dict[str, Any], on_eval: Callable[[dict[str, Any]], None] | None) -> None:
+    """Append a metrics row (process 0 only) and pass it to `on_eval`."""
+    if sharding.is_main_process():
+        runs.append_metrics(out_dir, row)
+    if on_eval is not None:
+        on_eval(row)
 
 
 def _total_tokens(setup: Setup) -> int | None:
@@ -160,9 +214,7 @@ def _loop(
             tracker,
             {"train_ntp": float(stats["ntp"].mean()), "train_reg": float(stats["reg"].mean())},
         )
-        runs.append_metrics(out_dir, row)
-        if on_eval is not None:
-            on_eval(row)
+        _record(out_dir, row, on_eval)
         bar.update(0, loss=row["valid_ntp"])
         reason = _stop_reason(setup, tracker, row)
         if reason is None and not math.isfinite(row["valid_ntp"]):
@@ -186,17 +238,21 @@ def _train_interval(
     Returns per-step {"ntp": [steps], "reg": [steps]}. Train time includes preparing batches and
     sampling self-generated replay rows (also counted apart as sample_time_s).
     """
-    step_fn = setup.compiled["step"]
+    step_fn, place = setup.compiled["step"], setup.placement
     budget = setup.cfg.stop.train_time_s
-    no_replay = np.zeros((0, setup.cfg.data.T), np.int32)
+    no_replay = _rows(setup, np.zeros((0, setup.cfg.data.T), np.int32))
     sampled_before = (setup.replay.sample_time_s, setup.replay.sampled_rows) if setup.replay else (0.0, 0)
     stats = []
     start = time.perf_counter()
     while tracker.step < target:
-        batch = setup.batcher.batch(tracker.step)
+        if place.mesh is None:
+            batch = setup.batcher.batch(tracker.step)
+        else:  # each process reads the rows its devices hold
+            shape = (setup.batcher.batch_size, setup.cfg.data.T)
+            batch = place.rows(partial(setup.batcher.batch, tracker.step), shape)
         if setup.replay_rows and stats and not setup.replay.ready(tracker.step):
             jax.block_until_ready(stats[-1])  # sampling time excludes the steps still in flight
-        replay = setup.replay.batch(tracker.step) if setup.replay_rows else no_replay
+        replay = _rows(setup, setup.replay.batch(tracker.step)) if setup.replay_rows else no_replay
         trainable, opt_state, out = step_fn(trainable, opt_state, setup.ctx, batch, replay)
         stats.append(out)
         tracker.step += 1
@@ -211,6 +267,16 @@ def _train_interval(
         tracker.sample_time_s += setup.replay.sample_time_s - sampled_before[0]
         tracker.sampled_rows += setup.replay.sampled_rows - sampled_before[1]
     return trainable, opt_state, {k: np.array([v[k] for v in values], np.float64) for k in ("ntp", "reg")}
+
+
+def _rows(setup: Setup, rows: Any) -> Any:
+    """Rows [n, T] (host or device) as the step takes them: as they are on one device, split
+    over the batch axes on a mesh."""
+    if setup.placement.mesh is None:
+        return rows
+    if isinstance(rows, np.ndarray):
+        return setup.placement.rows(lambda a, b: rows[a:b], rows.shape)
+    return setup.placement.reshard_rows(rows)
 
 
 KEPT_REPLAY_ROWS = 256  # replay rows of a run's first steps kept for engine/diagnostics.py
@@ -240,11 +306,12 @@ def _keep_replay_rows(setup: Setup, tracker: Tracker, out_dir: Path) -> None:
     available = min((x for x in limits if x is not None), default=None)
     start, sampled = time.perf_counter(), (replay.sample_time_s, replay.sampled_rows)
     steps = kept_replay_steps(setup.replay_rows, window, available)
-    rows = np.concatenate([np.asarray(replay.batch(step)) for step in steps])  # [n, T]
+    rows = np.concatenate([sharding.to_host(replay.batch(step)) for step in steps])  # [n, T]
     tracker.train_time_s += time.perf_counter() - start
     tracker.sample_time_s += replay.sample_time_s - sampled[0]
     tracker.sampled_rows += replay.sampled_rows - sampled[1]
-    runs.write_replay_rows(out_dir, rows)
+    if sharding.is_main_process():
+        runs.write_replay_rows(out_dir, rows)
 
 
 def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, Any]) -> dict[str, Any]:
@@ -317,9 +384,11 @@ def _initial_state(setup: Setup, out_dir: Path) -> tuple[Any, Any, Tracker]:
     The trainable tree is the full parameters (initialised, or copied from the parent), or the
     LoRA adapters of a LoRA run. Finetuning starts a fresh optimizer and warm-up.
     """
-    root = jax.random.key(setup.cfg.run.seed)
+    root, place, main = jax.random.key(setup.cfg.run.seed), setup.placement, sharding.is_main_process()
     if setup.parent is None:
         _, params = model_lib.init_model(setup.cfg.model, key=jax.random.fold_in(root, KEY_MODEL))
+        if place.mesh is not None:
+            params = place.put(params)
     else:
         params = jax.tree.map(jnp.copy, setup.parent.params)  # the parent stays intact: donation
     trainable = (
@@ -327,16 +396,27 @@ def _initial_state(setup: Setup, out_dir: Path) -> tuple[Any, Any, Tracker]:
         if setup.lora
         else params
     )
-    opt_state = setup.optimizer.init(trainable)
+    if place.mesh is None:
+        opt_state = setup.optimizer.init(trainable)
+    else:  # the moments sharded as the weights are
+        shapes = jax.eval_shape(setup.optimizer.init, trainable)
+        opt_state = jax.jit(setup.optimizer.init, out_shardings=place.tree(shapes))(trainable)
+    if setup.lora and place.mesh is not None:
+        trainable = place.put(trainable)
     if checkpoint.latest(out_dir / runs.CHECKPOINT) is None:
-        runs.truncate_metrics(out_dir, -1)
+        if main:
+            runs.truncate_metrics(out_dir, -1)
         return trainable, opt_state, Tracker()
     template = {"params": params, "opt_state": opt_state, **({"lora": trainable} if setup.lora else {})}
     stored, meta = checkpoint.load(out_dir / runs.CHECKPOINT, template)
     tracker = Tracker(**meta["tracker"])
-    runs.truncate_metrics(out_dir, tracker.step)
+    sharding.sync("checkpoint read")  # process 0 may now cut the metrics the checkpoint lacks
+    if main:
+        runs.truncate_metrics(out_dir, tracker.step)
     trainable = stored["lora"] if setup.lora else stored["params"]
-    return jax.device_put(trainable), jax.device_put(stored["opt_state"]), tracker
+    if place.mesh is None:
+        return jax.device_put(trainable), jax.device_put(stored["opt_state"]), tracker
+    return place.put(trainable), place.put(stored["opt_state"]), tracker
 
 
 def _save(setup: Setup, trainable: Any, opt_state: Any, tracker: Tracker, out_dir: Path) -> None:
@@ -351,7 +431,10 @@ def _save(setup: Setup, trainable: Any, opt_state: Any, tracker: Tracker, out_di
     tree = {"params": setup.compiled["materialize"](trainable, setup.ctx), "opt_state": opt_state}
     if setup.lora:
         tree["lora"] = trainable
-    checkpoint.save(out_dir / runs.CHECKPOINT, tree, meta)
+    tree = sharding.to_host(tree)  # gathered from every device (and host) to process 0
+    if sharding.is_main_process():
+        checkpoint.save(out_dir / runs.CHECKPOINT, tree, meta)
+    sharding.sync("checkpoint written")
 
 
 def _summary(

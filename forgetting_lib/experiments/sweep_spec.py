@@ -17,6 +17,13 @@ A spec is a YAML mapping (a file, the `sweep:` key of a figure's parameter file,
             fast_standard: {opt.lr: 3.0e-3, method: standard}
             slow_kl_self: {opt.lr: 1.0e-4, method: kl_self}
           # method: [standard, kl_self, {ewc: {reg.coeff: 1000.0}}]   # an axis over named methods
+        resources: {gpus: 1, cpus: 8, memory_gb: 64, time_min: 240, partition: gpu}
+
+`resources` (optional, per stage) is what each of the stage's points asks a cluster for when the
+sweep runs on one (`executors.RayExecutor`, `executors.SlurmExecutor`; the local runner ignores
+it): `gpus` and `cpus` (integers), `memory_gb`, `time_min` (the SLURM time limit; Ray has none),
+`partition` (SLURM) and `slurm` (a mapping of further sbatch options, e.g. `{constraint: h100}`).
+It is not part of a point's config: changing it never makes a finished point stale.
 
 The axis `method` may list names of the method table (`methods.METHODS`), each optionally refined
 by its own overrides; its labels are the names. A spec without `stages` is a single stage called
@@ -32,14 +39,24 @@ import re
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .. import config as config_lib, methods as methods_lib
 from ..config import ConfigError
 from ..fileio import read_yaml
 
-STAGE_KEYS = ("base", "set", "grid", "after", "out")
+STAGE_KEYS = ("base", "set", "grid", "after", "out", "resources")
+# resources: key -> (what it must be, its check)
+RESOURCE_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "gpus": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "cpus": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "memory_gb": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "time_min": ("a number of minutes > 0", lambda v: _is_number(v) and v > 0),
+    "partition": ("a partition name", lambda v: isinstance(v, str) and bool(v)),
+    "slurm": ("a mapping of sbatch options", lambda v: isinstance(v, Mapping)),
+}
 Overrides = tuple[tuple[str, Any], ...]  # (dotted key, value) pairs, applied in order
+Resources = tuple[tuple[str, Any], ...]  # (resource key, value) pairs of a stage's `resources`
 
 
 class SweepError(ConfigError):
@@ -54,6 +71,7 @@ class Stage:
     axes: tuple[tuple[str, tuple[tuple[str, Overrides], ...]], ...]  # (axis, ((label, overrides), ...))
     after: str | None  # the stage whose points are this one's parents
     out: Path  # point folders: out/<point id>
+    resources: Resources = ()  # what a cluster gives each point (RESOURCE_KEYS); not part of its config
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,7 @@ class Point:
     parent: str | None  # the parent point's id (dependent stages)
     base: str | Mapping[str, Any]
     labels: tuple[tuple[str, str], ...] = ()  # axis -> label; a parent's axes as <stage>.<axis>
+    resources: Resources = ()  # its stage's `resources` (cluster executors only)
 
     def config(self) -> config_lib.Config:
         return config_lib.load(self.base, list(self.overrides))
@@ -156,7 +175,31 @@ def _stage(spec: str, name: str, body: Any, out: Path) -> Stage:
         tuple(axes),
         body.get("after"),
         Path(body.get("out") or out / name),
+        _resources(where, body.get("resources")),
     )
+
+
+def _resources(where: str, raw: Any) -> Resources:
+    """A stage's `resources` mapping, checked key by key."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise SweepError(f"{where}: `resources` must be a mapping, e.g. {{gpus: 1, cpus: 8, memory_gb: 64}}")
+    for key, value in raw.items():
+        if key not in RESOURCE_KEYS:
+            raise SweepError(f"{where}: unknown resources key {key!r}; valid: {', '.join(RESOURCE_KEYS)}")
+        what, ok = RESOURCE_KEYS[key]
+        if not ok(value):
+            raise SweepError(f"{where}: resources.{key} must be {what}, not {value!r}")
+    return tuple((k, dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _ordered(spec: str, stages: list[Stage]) -> list[Stage]:
@@ -220,6 +263,7 @@ def expand(stage: Stage, parents: Iterable[Point | None] = (None,)) -> list[Poin
                     parent.id if parent else None,
                     stage.base,
                     inherited + labels,
+                    stage.resources,
                 )
             )
     return points
