@@ -142,8 +142,16 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.executor != "local":  # the cluster gets every point at once (--workers does not apply)
         from .experiments import executors
 
-        out = sweep.load_spec(args.spec).out
+        spec = sweep.load_spec(args.spec)
+        out = spec.out
         sweep.check(args.spec)  # a bad spec fails before a cluster is started or joined
+        for stage in spec.stages:
+            if not stage.resources:
+                print(
+                    f"warning: stage {stage.name} has no `resources:`, so each of its points gets "
+                    f"the cluster's defaults (one CPU, no GPU); add e.g. resources: {{gpus: 1, cpus: 8}}",
+                    file=sys.stderr,
+                )
         try:
             executor = (
                 executors.RayExecutor(args.address)
@@ -170,6 +178,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from . import runtime
     from .experiments import fit
 
+    if args.devices:  # read when JAX first starts its CPU backend, which has not happened yet
+        flag = f"--xla_force_host_platform_device_count={args.devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     runtime.configure()  # the persistent compilation cache: a second check is faster
     points = fit.load_points(args.spec, args.set or ())
     stages = list(dict.fromkeys(p.stage for p in points if not args.stages or p.stage in args.stages))
@@ -329,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="dotted override for every point, e.g. --set data.microbatch_rows=64 (repeatable)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="simulate this many devices (forced CPU host devices) to check a config with `mesh:`, "
+        "e.g. --devices 8 --set mesh.fsdp=-1; memory is then per device",
     )
     p.set_defaults(func=cmd_fit)
 

@@ -26,8 +26,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from forgetting_lib import config as config_lib, runs  # noqa: E402
-from forgetting_lib.engine import assemble, checkpoint, train  # noqa: E402
+from forgetting_lib.engine import aot, assemble, checkpoint, train  # noqa: E402
 from forgetting_lib.engine.finetune import resolve  # noqa: E402
+from forgetting_lib.engine.sharding import Placement, make_mesh  # noqa: E402
 
 import finetune_fixtures as ff  # noqa: E402
 
@@ -156,6 +157,9 @@ def mesh_mode(root: Path) -> dict[str, Any]:
         np.array_equal(runs.read_replay_rows(root / "child_mesh"), runs.read_replay_rows(root / "child_1"))
     )
     report["placement"] = placement_report(parent_config(old, {"fsdp": 8}), root / "placement")
+    one, eight = parent_config(old, {}), parent_config(old, {"fsdp": 8})
+    fits = [aot.step_report(c, placement=Placement(make_mesh(c.mesh))) for c in (one, eight)]
+    report["fit"] = {k: [f[k] for f in fits] for k in ("step_bytes", "flops_per_step")}
     resumed = crash_and_resume(old, root, {"fsdp": 8}, mesh)
     report["resume"] = {
         **resumed,
@@ -169,15 +173,27 @@ def hosts_mode(root: Path) -> dict[str, Any]:
     old, new = data(root)
     world = ff.World(root / "parent", old, new)
     mesh = {"data": 2, "fsdp": 2}
-    parent = train.train_and_evaluate(parent_config(old, mesh), root / "parent")
-    child = train.train_and_evaluate(child_config(world, root / "parent", mesh), root / "child")
+    results = [
+        train.train_and_evaluate(parent_config(old, mesh), root / "parent"),
+        train.train_and_evaluate(child_config(world, root / "parent", mesh), root / "child"),
+        train.train_and_evaluate(child_config(world, root / "parent", mesh, **REAL), root / "real"),
+        train.train_and_evaluate(child_config(world, root / "parent", mesh, **EWC), root / "ewc"),
+        # stops on process 0's clock: every process must stop after the same step
+        train.train_and_evaluate(parent_config(old, mesh, **TIMED), root / "timed"),
+    ]
     return {
         "processes": jax.process_count(),
         "devices": jax.device_count(),
-        "statuses": [parent.status, child.status],
-        "parent": losses(root / "parent"),
-        "child": losses(root / "child"),
+        "statuses": [r.status for r in results],
+        "stop_reasons": [r.stop_reason for r in results],
+        "steps": [r.step for r in results],
+        **{run: losses(root / run) for run in ("parent", "child", "real", "ewc")},
     }
+
+
+REAL = {"reg.synth": False}  # KL on the parent's real rows
+EWC = {"reg.method": "ewc", "reg.coeff": 100.0, "reg.synth": False, "reg.fisher_batches": 2}
+TIMED = {"stop.train_time_s": 3.0, "stop.num_tokens_train": 10**9, "log.every_tokens": 4 * ff.B * ff.T}
 
 
 if __name__ == "__main__":

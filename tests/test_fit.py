@@ -92,13 +92,13 @@ def test_cli_prints_each_stage_once_per_distinct_shape(checked):
     text = checked["text"]
     lines = text[text.index("ahead-of-time") :].splitlines()[2:]
     rows = [line.split() for line in lines if line.split()[0] in ("pretrain", "finetune")]
-    # columns: stage points example params dtype micro TFLOP analytic step-GiB peak-GiB peak-in fits
+    # columns: stage points example params dtype micro devices TFLOP analytic step-GiB peak-GiB peak-in fits
     assert [(r[0], r[1]) for r in rows] == [("pretrain", "2")] * 3 + [("finetune", "2")] * 2
     assert [r[2] for r in rows] == [
         *("shape=base__lr=0.001", "shape=batch__lr=0.001", "shape=width__lr=0.001"),
         *("method=standard__coeff=0.1", "method=kl_real__coeff=0.1"),
     ]
-    assert all(r[4] == "bfloat16" and r[5] == "1" and r[11] == "yes" for r in rows)  # a GPU's settings
+    assert all(r[4:7] == ["bfloat16", "1", "1"] and r[12] == "yes" for r in rows)  # a GPU's, one device
     assert "not found" not in text  # the finetune's parent point supplied its architecture
     assert "bfloat16 compiled on a CPU" in text  # why bf16 memory reads high here
 

@@ -3,8 +3,8 @@
 The runs happen in processes of their own (tests/mesh_worker.py): JAX fixes its device count at
 start-up. Measured: the largest difference of any metric at any evaluation between a mesh run
 and the one-device run is 4e-6 for pretraining, 5e-5 for a self-generated-KL finetune (2 x 4
-mesh) and 1.1e-4 with tensor parallelism (2 x 2 x 2): float sums in another order, amplified over
-16 Adam steps. We allow 5e-4.
+mesh), 1.1e-4 with tensor parallelism (2 x 2 x 2) and 1.9e-4 over 2 processes x 2 devices: float
+sums in another order, amplified over 16 Adam steps. We allow 5e-4.
 """
 
 from __future__ import annotations
@@ -90,6 +90,15 @@ def test_sharded_state_checkpoints_and_resumes_on_another_mesh(mesh_report):
     assert resume["diff"] <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_fit_check_of_a_sharded_config_reports_per_device_memory(mesh_report):
+    """`fit` on a config with `mesh:` compiles it sharded: an eighth of the FLOPs per device (up
+    to what stays replicated) and less memory than on one device."""
+    (one_bytes, eight_bytes), (one_flops, eight_flops) = mesh_report["fit"].values()
+    assert eight_bytes < one_bytes
+    assert 1.0 <= 8 * eight_flops / one_flops < 1.5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,12 +125,21 @@ def test_two_processes_on_localhost_match_one_device(tmp_path):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     report = json.loads((tmp_path / "hosts.json").read_text())
-    assert (report["processes"], report["devices"], report["statuses"]) == (2, 4, ["finished", "finished"])
+    assert (report["processes"], report["devices"]) == (2, 4)
+    assert report["statuses"] == ["finished"] * 5 and report["stop_reasons"][-1] == "train_time_s"
     # the same runs on this process's single device
     world = mesh_worker.ff.World(tmp_path / "one" / "parent", old, new)
     train.train_and_evaluate(mesh_worker.parent_config(old, {}), tmp_path / "one" / "parent")
-    train.train_and_evaluate(mesh_worker.child_config(world, world.parent, {}), tmp_path / "one" / "child")
-    for run in ("parent", "child"):
+    for run, extra in (("child", {}), ("real", mesh_worker.REAL), ("ewc", mesh_worker.EWC)):
+        cfg = mesh_worker.child_config(world, world.parent, {}, **extra)
+        train.train_and_evaluate(cfg, tmp_path / "one" / run)
+    # kept replay rows are written once, as on one device
+    assert (
+        runs.read_replay_rows(tmp_path / "real") == runs.read_replay_rows(tmp_path / "one" / "real")
+    ).all()
+    steps = [r["step"] for r in runs.read_metrics(tmp_path / "timed")]  # one row per evaluation
+    assert steps[:-1] == list(range(0, len(steps) * 4 - 4, 4)) and steps[-1] == report["steps"][-1]
+    for run in ("parent", "child", "real", "ewc"):
         one = mesh_worker.losses(tmp_path / "one" / run)
         assert mesh_worker.max_abs_diff(report[run], one) <= TOLERANCE, run
         # process 0 alone wrote: one row per evaluation, a summary, a loadable checkpoint

@@ -244,7 +244,7 @@ def _attach_parent(setup: Setup, eval_rows: int) -> None:
             )
         setup.replay = replay_lib.RealReplay(prev, source_rows, cfg.run.seed)
     if method.fisher:
-        batches = [setup.replay.batch(i) for i in range(r.fisher_batches)]
+        batches = [setup.placement.replicate(setup.replay.batch(i)) for i in range(r.fisher_batches)]
         setup.ctx["fisher"] = setup.placement.put(
             replay_lib.diagonal_fisher(model_lib.make_hidden(setup.graphdef), setup.parent.params, batches)
         )

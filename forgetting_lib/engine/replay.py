@@ -171,14 +171,14 @@ def diagonal_fisher(hidden: Callable, params: Any, batches: list[Any]) -> Any:
     model's own distribution; on real rows it is the empirical Fisher.
     """
 
-    def row_grad_sq(row: jax.Array) -> Any:
+    def row_grad_sq(params: Any, row: jax.Array) -> Any:
         grad = jax.grad(lambda p: jnp.mean(ntp_from_hidden(*hidden(p, row[None]), row[None])))(params)
         return jax.tree.map(jnp.square, grad)
 
     @jax.jit
-    def batch_sum(rows: jax.Array) -> Any:
+    def batch_sum(params: Any, rows: jax.Array) -> Any:  # params an argument: they may be sharded
         def body(acc, row):
-            return jax.tree.map(jnp.add, acc, row_grad_sq(row)), None
+            return jax.tree.map(jnp.add, acc, row_grad_sq(params, row)), None
 
         zero = jax.tree.map(jnp.zeros_like, params)
         return jax.lax.scan(body, zero, rows)[0]
@@ -186,7 +186,7 @@ def diagonal_fisher(hidden: Callable, params: Any, batches: list[Any]) -> Any:
     total = None
     count = 0
     for rows in batches:
-        part = batch_sum(jnp.asarray(rows))
+        part = batch_sum(params, rows if isinstance(rows, jax.Array) else jnp.asarray(rows))
         total = part if total is None else jax.tree.map(jnp.add, total, part)
         count += len(rows)
     return jax.tree.map(lambda x: x / count, total)

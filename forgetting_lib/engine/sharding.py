@@ -198,6 +198,12 @@ class Placement:
             return x
         return jax.device_put(x, self.rows_sharding(x.ndim, axis))
 
+    def replicate(self, x: Any) -> Any:
+        """An array (host or device) on every device of the mesh; as is without a mesh."""
+        if self.mesh is None:
+            return x
+        return _put(x, self.replicated())
+
     def check_rows(self, rows: int, what: str) -> None:
         if rows % self.batch_devices:
             raise MeshError(
@@ -216,11 +222,9 @@ class Placement:
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return jax.device_put(x, sharding)
-    host = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else None
-    if host is None:  # already a global array: move it within the mesh
-        return jax.device_put(x, sharding)
+    host = np.asarray(x)  # this process's whole copy: each process places its own shards
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
@@ -233,14 +237,31 @@ def constrain_rows(x: jax.Array) -> jax.Array:
 
 
 def to_host(tree: Any) -> Any:
-    """A tree of (possibly sharded, possibly multi-host) arrays as numpy on every process. The
-    whole tree must fit in one host's memory: that is the size limit of our checkpoints (a 1B
-    model with AdamW: ~16 GB)."""
+    """A tree of (possibly sharded, possibly multi-host) arrays as numpy on every process: an
+    array spanning several processes is gathered (a collective: every process must call this),
+    one this process holds whole (host rows, a single-device array) is taken as it is. The whole
+    tree must fit in each host's memory: that is the size limit of our checkpoints (parameters
+    and AdamW moments, 12 bytes per parameter)."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+    def host(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(host, tree)
+
+
+def agree(value: int) -> int:
+    """Process 0's `value` (a status, a step, a decision as 0/1) on every process; as is with one
+    process. A collective: every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def sync(name: str) -> None:

@@ -92,9 +92,15 @@ def train_and_evaluate(
                 overwrite=overwrite,
                 defaults=config_lib.Config().to_dict(),
             )
-            if state == "finished":
-                sharding.sync("run folder ready")
-                return _finished(out_dir)
+        except Exception:
+            if not existed:
+                runs.discard_if_empty(out_dir)  # a refused run leaves no folder behind
+            sharding.agree(_REFUSED)  # the other processes of a multi-process run stop too
+            raise
+        sharding.agree(_FINISHED if state == "finished" else _START)
+        if state == "finished":
+            return _finished(out_dir)
+        try:
             runs.remove_stale_temporaries(out_dir)
             setup = build_setup(cfg)  # fails early (naming the file) on missing or unfit data
         except Exception:
@@ -104,17 +110,21 @@ def train_and_evaluate(
         if state == "new":
             runs.reset_run_files(out_dir)  # a refused or crashed start left at most a config
             runs.write_config(out_dir, cfg.to_dict())
-        sharding.sync("run folder ready")
         return _run(setup, out_dir, on_eval)
+
+
+_START, _FINISHED, _REFUSED = 0, 1, 2  # what process 0 tells the others about the run folder
 
 
 def _follow(
     cfg: config_lib.Config, out_dir: Path, on_eval: Callable[[dict[str, Any]], None] | None
 ) -> RunResult:
-    """A process other than 0 of a multi-process run: wait until process 0 has prepared the
-    folder, then train in step with it, writing nothing."""
-    sharding.sync("run folder ready")
-    if runs.is_finished(out_dir):
+    """A process other than 0 of a multi-process run: learn from process 0 whether the run
+    starts, then build the same setup and train in step with it, writing nothing."""
+    status = sharding.agree(_START)
+    if status == _REFUSED:
+        raise runs.RunFolderError(f"process 0 refused the run folder {out_dir}; its error says why")
+    if status == _FINISHED:
         return _finished(out_dir)
     return _run(build_setup(cfg), out_dir, on_eval)
 
@@ -122,6 +132,11 @@ def _follow(
 def _run(setup: Setup, out_dir: Path, on_eval: Callable[[dict[str, Any]], None] | None) -> RunResult:
     """Train from the folder's last checkpoint (or from the start) to a stop rule; write the summary."""
     params, opt_state, tracker = _initial_state(setup, out_dir)
+    if sharding.agree(tracker.step) != tracker.step:
+        raise checkpoint.CheckpointError(
+            f"this process resumes {out_dir} at step {tracker.step}, process 0 at another step: "
+            f"the run folder must be on a filesystem every process sees the same"
+        )
     if not sharding.is_main_process():
         return _train(setup, out_dir, on_eval, params, opt_state, tracker)
     # optional mirrors of metrics.jsonl (log.wandb, log.tensorboard), closed however the run ends
@@ -259,7 +274,8 @@ def _train_interval(
         bar.update(setup.tokens_per_step)
         if budget is not None:
             out["ntp"].block_until_ready()
-            if tracker.train_time_s + time.perf_counter() - start >= budget:
+            # process 0's clock decides for every process (they must run the same steps)
+            if sharding.agree(tracker.train_time_s + time.perf_counter() - start >= budget):
                 break
     values = jax.device_get(stats)  # waits for the last step
     tracker.train_time_s += time.perf_counter() - start
@@ -371,7 +387,7 @@ def _stop_reason(setup: Setup, tracker: Tracker, row: dict[str, Any]) -> str | N
         return next(r for r in config_lib.LENGTH_RULES if getattr(s, r) is not None)
     if s.target_loss is not None and loss <= s.target_loss:
         return "target_loss"
-    if s.train_time_s is not None and tracker.train_time_s >= s.train_time_s:
+    if s.train_time_s is not None and sharding.agree(tracker.train_time_s >= s.train_time_s):
         return "train_time_s"
     if s.patience is not None and tracker.evals_since_best >= s.patience:
         return "patience"

@@ -24,12 +24,23 @@ import pandas as pd
 from .. import config as config_lib, runs, runtime
 from ..config import ConfigError
 from ..engine import aot
+from ..engine.sharding import MeshError, Placement, make_mesh
 from ..fileio import FileFormatError, read_yaml
 from . import cost, sweep_spec
 from .sweep_spec import Point
 
 COLUMNS = (
-    *("stage", "points", "example", "params", "dtype", "microbatches", "flops_per_step", "flops_analytic"),
+    *(
+        "stage",
+        "points",
+        "example",
+        "params",
+        "dtype",
+        "microbatches",
+        "devices",
+        "flops_per_step",
+        "flops_analytic",
+    ),
     *("step_bytes", "peak_bytes", "peak_program", "fits", "note", "compile_s"),
 )
 
@@ -101,9 +112,13 @@ def fit_table(
     rows = []
     for (stage, key), members in groups.items():
         point, cfg, steps = members[0]
+        mesh = _mesh(cfg)  # a config with `mesh:` compiles sharded: memory and FLOPs per device
         if key not in reports:
-            reports[key] = aot.step_report(cfg, platform=platform, dtype=dtype, total_steps=steps)
+            reports[key] = aot.step_report(
+                cfg, platform=platform, dtype=dtype, total_steps=steps, placement=Placement(mesh)
+            )
         report = reports[key]
+        devices = 1 if mesh is None else mesh.size
         link = cfg.model.load_path
         guessed = bool(link) and str(Path(link)) not in known and not _has_config(link)
         row = {
@@ -113,7 +128,8 @@ def fit_table(
             "params": report["params"],
             "dtype": report["dtype"],
             "microbatches": report["microbatches"],
-            "flops_per_step": report["flops_per_step"],
+            "devices": devices,
+            "flops_per_step": report["flops_per_step"] * devices,  # all devices, as the analytic count
             "flops_analytic": cost.step_flops(cfg)[0],
             "step_bytes": report["step_bytes"],
             "peak_bytes": report["peak_bytes"],
@@ -126,6 +142,13 @@ def fit_table(
         if on_row is not None:
             on_row(row)
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _mesh(cfg: config_lib.Config) -> Any:
+    try:
+        return make_mesh(cfg.mesh)
+    except MeshError as err:
+        raise MeshError(f"{err}; `fit --devices N` simulates N devices") from None
 
 
 def _has_config(run_dir: str) -> bool:
@@ -148,6 +171,7 @@ def format_table(table: pd.DataFrame, *, device_memory_gb: float = 80.0, platfor
             "params": table["params"].map(lambda n: f"{n / 1e6:.3g}M"),
             "dtype": table["dtype"],
             "micro": table["microbatches"],
+            "devices": table["devices"],
             "TFLOP/step": table["flops_per_step"].map(_tflops),
             "analytic": table["flops_analytic"].map(_tflops),
             "step GiB": table["step_bytes"].map(_gib),
@@ -160,7 +184,8 @@ def format_table(table: pd.DataFrame, *, device_memory_gb: float = 80.0, platfor
         f"ahead-of-time fit check for {platform} (programs built for {platform}, compiled by this machine's "
         f"XLA: an estimate of the {platform} compile); one row per stage and distinct shapes; "
         f"peak = the run's largest footprint (train step, evaluation, teacher cache, replay "
-        f"sampler, with every buffer it keeps alive); step = the train step alone",
+        f"sampler, with every buffer it keeps alive, per device); step = the train step alone; "
+        f"TFLOP/step over all devices",
         shown.to_string(index=False),
         *(_BF16_ON_CPU if (table["dtype"] == "bfloat16").any() and runtime.platform() == "cpu" else ()),
         *(f"  {r.stage}/{r.example}: {r.note}" for r in table.itertuples() if r.note),
