@@ -14,23 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax
+import numpy as np
 
-from forgetting_lib.engine import sharding  # noqa: E402 - after the path for the fixtures
+from forgetting_lib import config as config_lib, runs
+from forgetting_lib.engine import aot, assemble, checkpoint, sharding, train
+from forgetting_lib.engine.finetune import resolve
+from forgetting_lib.engine.sharding import Placement, make_mesh
 
-MULTI_HOST = len(sys.argv) > 1 and sys.argv[1] == "hosts"
-if MULTI_HOST:
-    assert sharding.initialize_from_env()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from forgetting_lib import config as config_lib, runs  # noqa: E402
-from forgetting_lib.engine import aot, assemble, checkpoint, train  # noqa: E402
-from forgetting_lib.engine.finetune import resolve  # noqa: E402
-from forgetting_lib.engine.sharding import Placement, make_mesh  # noqa: E402
-
-import finetune_fixtures as ff  # noqa: E402
+import finetune_fixtures as ff  # the script's own folder, tests/, is on sys.path
 
 PARENT_STEPS = 40
 LOSSES = ("valid_ntp", "valid_ntp_h2", "prev_ntp", "valid_kl", "train_ntp", "train_reg", "weight_norm")
@@ -198,6 +190,8 @@ TIMED = {"stop.train_time_s": 3.0, "stop.num_tokens_train": 10**9, "log.every_to
 
 if __name__ == "__main__":
     mode, root = sys.argv[1], Path(sys.argv[2])
+    if mode == "hosts":  # before any JAX computation
+        assert sharding.initialize_from_env()
     result = mesh_mode(root) if mode == "mesh" else hosts_mode(root)
     if sharding.is_main_process():
         (root / f"{mode}.json").write_text(json.dumps(result, indent=1))

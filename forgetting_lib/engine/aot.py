@@ -145,7 +145,7 @@ def abstract_setup(
     if total_steps is None and cfg.stop.num_epochs is None:
         total_steps = assemble.total_steps_for(cfg, tokens_per_step, 1.0)
     graphdef, params = model_lib.abstract_params(m)
-    params = _placed(params, placement)
+    params = placement.abstract(params)
     setup = assemble.Setup(
         cfg=cfg,
         graphdef=graphdef,
@@ -197,17 +197,9 @@ def abstract_setup(
         adapters = jax.eval_shape(
             lambda p: lora_lib.init_adapters(p, cfg.lora.rank, key=jax.random.key(0)), params
         )
-        trainable = _placed(adapters, placement)
-    opt_state = _placed(jax.eval_shape(setup.optimizer.init, trainable), placement)
+        trainable = placement.abstract(adapters)
+    opt_state = placement.abstract(jax.eval_shape(setup.optimizer.init, trainable))
     return setup, trainable, opt_state
-
-
-def _placed(tree: Any, placement: Placement) -> Any:
-    """Shapes with the placement's shardings (as they are without a mesh)."""
-    shardings = placement.tree(tree)
-    if shardings is None:
-        return tree
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
 
 def _eval_set(rows: int, T: int, eval_rows: int, placement: Placement) -> tuple[Any, Any]:

@@ -167,13 +167,10 @@ def build_setup(cfg: config_lib.Config) -> Setup:
         if cfg.log.eval_kl:
             shapes = {k: t.shape for k, (t, _) in setup.eval_sets.items()}
             setup.teacher_forms = teacher_forms(shapes, m.D, m.V, cfg.log.teacher_cache_mb)
-    if placement.mesh is None:
-        setup.eval_sets = {k: (jnp.asarray(t), jnp.asarray(msk)) for k, (t, msk) in setup.eval_sets.items()}
-    else:  # the rows of every eval batch split over the mesh: [nb, Be, T], [nb, Be] along Be
-        setup.eval_sets = {
-            k: tuple(placement.rows(lambda a, b, x=x: x[:, a:b], x.shape, axis=1) for x in (t, msk))
-            for k, (t, msk) in setup.eval_sets.items()
-        }
+    setup.eval_sets = {  # on a mesh, each eval batch's rows are split: [nb, Be, T], [nb, Be] along Be
+        k: tuple(placement.rows(lambda a, b, x=x: x[:, a:b], x.shape, axis=1) for x in (t, msk))
+        for k, (t, msk) in setup.eval_sets.items()
+    }
     return setup
 
 
@@ -294,13 +291,8 @@ def _compile_all(setup: Setup, trainable: Any, opt_state: Any) -> None:
         .compile()
     )
     params = jax.eval_shape(materialize, trainable, setup.ctx)
-    if place.mesh is None:
-        setup.compiled["materialize"] = jax.jit(materialize)
-    else:
-        setup.compiled["materialize"] = jax.jit(materialize, out_shardings=place.tree(params))
-        params = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), params, place.tree(params)
-        )
+    setup.compiled["materialize"] = jax.jit(materialize, out_shardings=place.tree(params))
+    params = place.abstract(params)
     for name, (tokens, mask) in setup.eval_sets.items():
         form = setup.teacher_forms.get(name)
         teacher_in = setup.ctx["frozen"] if form == "params" else None

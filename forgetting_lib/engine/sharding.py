@@ -160,6 +160,16 @@ class Placement:
             lambda path, x: NamedSharding(self.mesh, param_spec(path, tuple(x.shape), fsdp, tensor)), tree
         )
 
+    def abstract(self, tree: Any) -> Any:
+        """Shapes (`jax.ShapeDtypeStruct`s) carrying their `tree` shardings (as they are without a
+        mesh): what a program is compiled for ahead of time."""
+        shardings = self.tree(tree)
+        if shardings is None:
+            return tree
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings
+        )
+
     def rows_sharding(self, ndim: int = 2, axis: int = 0) -> NamedSharding | None:
         """Rows split over the batch axes along `axis` of an `ndim`-array ([B, T]: axis 0; eval
         sets [nb, Be, T]: axis 1)."""

@@ -254,17 +254,15 @@ def _train_interval(
     sampling self-generated replay rows (also counted apart as sample_time_s).
     """
     step_fn, place = setup.compiled["step"], setup.placement
+    batch_shape = (setup.batcher.batch_size, setup.cfg.data.T)
     budget = setup.cfg.stop.train_time_s
     no_replay = _rows(setup, np.zeros((0, setup.cfg.data.T), np.int32))
     sampled_before = (setup.replay.sample_time_s, setup.replay.sampled_rows) if setup.replay else (0.0, 0)
     stats = []
     start = time.perf_counter()
     while tracker.step < target:
-        if place.mesh is None:
-            batch = setup.batcher.batch(tracker.step)
-        else:  # each process reads the rows its devices hold
-            shape = (setup.batcher.batch_size, setup.cfg.data.T)
-            batch = place.rows(partial(setup.batcher.batch, tracker.step), shape)
+        # on a mesh, each process reads only the rows its devices hold
+        batch = place.rows(partial(setup.batcher.batch, tracker.step), batch_shape)
         if setup.replay_rows and stats and not setup.replay.ready(tracker.step):
             jax.block_until_ready(stats[-1])  # sampling time excludes the steps still in flight
         replay = _rows(setup, setup.replay.batch(tracker.step)) if setup.replay_rows else no_replay
@@ -403,12 +401,11 @@ def _initial_state(setup: Setup, out_dir: Path) -> tuple[Any, Any, Tracker]:
     root, place, main = jax.random.key(setup.cfg.run.seed), setup.placement, sharding.is_main_process()
     if setup.parent is None:
         _, params = model_lib.init_model(setup.cfg.model, key=jax.random.fold_in(root, KEY_MODEL))
-        if place.mesh is not None:
-            params = place.put(params)
+        params = place.put(params)  # split over the mesh, if any
     else:
         params = jax.tree.map(jnp.copy, setup.parent.params)  # the parent stays intact: donation
     trainable = (
-        lora_lib.init_adapters(params, setup.cfg.lora.rank, key=jax.random.fold_in(root, KEY_LORA))
+        place.put(lora_lib.init_adapters(params, setup.cfg.lora.rank, key=jax.random.fold_in(root, KEY_LORA)))
         if setup.lora
         else params
     )
@@ -417,8 +414,6 @@ def _initial_state(setup: Setup, out_dir: Path) -> tuple[Any, Any, Tracker]:
     else:  # the moments sharded as the weights are
         shapes = jax.eval_shape(setup.optimizer.init, trainable)
         opt_state = jax.jit(setup.optimizer.init, out_shardings=place.tree(shapes))(trainable)
-    if setup.lora and place.mesh is not None:
-        trainable = place.put(trainable)
     if checkpoint.latest(out_dir / runs.CHECKPOINT) is None:
         if main:
             runs.truncate_metrics(out_dir, -1)
@@ -430,8 +425,6 @@ def _initial_state(setup: Setup, out_dir: Path) -> tuple[Any, Any, Tracker]:
     if main:
         runs.truncate_metrics(out_dir, tracker.step)
     trainable = stored["lora"] if setup.lora else stored["params"]
-    if place.mesh is None:
-        return jax.device_put(trainable), jax.device_put(stored["opt_state"]), tracker
     return place.put(trainable), place.put(stored["opt_state"]), tracker
 
 
