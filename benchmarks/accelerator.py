@@ -10,9 +10,12 @@ Prints, and writes as JSON to `--out` (default benchmarks/results/accelerator.js
 4. device memory: the peak in use after those programs, next to `fit`'s ahead-of-time estimate
    for the same train step (engine/aot.py), so the estimate is checked against the real compile;
 5. with `--figure NAME`, one quick figure end to end (`python -m forgetting_lib reproduce NAME`;
-   the capacity figures need no download) and its wall time.
+   the capacity figures need no download) and its wall time;
+6. with `--instruct`, the paper-scale instruct step (params/paper/instruct_finetune.yaml: the
+   Llama-3.2-1B shape with bf16 parameters and AdamW moments, batch 32 x 512) with random weights
+   of that shape (no download): ms/step and peak memory, plain and with self-generated KL replay.
 
-    python -m benchmarks.accelerator [--figure model_size] [--tiny]
+    python -m benchmarks.accelerator [--figure model_size] [--instruct] [--tiny]
 
 `--tiny` runs the same code at a toy size (it is how the test suite keeps the script working on
 a CPU); its numbers mean nothing.
@@ -21,6 +24,7 @@ a CPU); its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -65,9 +69,13 @@ def matmul_tflops(n: int, dtype: Any) -> float:
     return 2 * n**3 / timed(lambda: dot(a, a), 10) / 1e12
 
 
-def step_seconds(size: dict[str, int], method: str, steps: int) -> tuple[float, dict[str, Any]]:
-    """Seconds per train step of `method` ("none", or "kl_pre" on self-generated rows)."""
-    cfg = config_lib.ModelConfig(D=size["D"], L=size["L"], H=size["H"], V=size["V"])
+def step_seconds(
+    size: dict[str, int], method: str, steps: int, cfg: config_lib.ModelConfig | None = None, micro: int = 0
+) -> tuple[float, dict[str, Any]]:
+    """Seconds per train step of `method` ("none", or "kl_pre" on self-generated rows); the model
+    is `cfg` (else the paper's architecture at `size`), `micro` gradient-accumulation slices (0:
+    automatic)."""
+    cfg = cfg or config_lib.ModelConfig(D=size["D"], L=size["L"], H=size["H"], V=size["V"])
     T, B = size["T"], size["batch"]
     graphdef, params = model_lib.init_model(cfg, key=jax.random.key(0))
     optimizer = make_optimizer(config_lib.OptConfig(warmup_tokens=0), 0, None)
@@ -75,7 +83,8 @@ def step_seconds(size: dict[str, int], method: str, steps: int) -> tuple[float, 
     reg = config_lib.RegConfig(method=method, coeff=1.0 if method != "none" else 0.0, synth=method != "none")
     hidden = model_lib.make_hidden(graphdef)
     ctx, replay_rows = ({}, 0) if method == "none" else ({"frozen": jax.tree.map(jnp.copy, params)}, B)
-    step = make_train_step(make_objective(hidden, reg), optimizer, auto_microbatches(B, T, 0, replay_rows))
+    micro = micro or auto_microbatches(B, T, 0, replay_rows)
+    step = make_train_step(make_objective(hidden, reg), optimizer, micro)
     rng = np.random.default_rng(0)
     new = jnp.asarray(rng.integers(0, cfg.V, (B, T), dtype=np.int32))
     replay = jnp.asarray(rng.integers(0, cfg.V, (replay_rows, T), dtype=np.int32))
@@ -89,12 +98,36 @@ def step_seconds(size: dict[str, int], method: str, steps: int) -> tuple[float, 
     return seconds, {"model": cfg, "params": state[0], "graphdef": graphdef}  # the inputs were donated
 
 
+def instruct_step(tiny: bool, steps: int, device: Any) -> dict[str, Any]:
+    """The paper-scale instruct finetune step with random weights of the model's shape."""
+    run = config_lib.load("params/paper/instruct_finetune.yaml")
+    model = dataclasses.replace(run.model, load_path="")
+    d = run.data
+    size = {"T": d.T, "batch": d.batch_size}
+    if tiny:
+        model = dataclasses.replace(model, D=64, L=2, H=16, heads=4, kv_heads=2, F=128, V=512)
+        size = {"T": 32, "batch": 8}
+    micro = d.batch_size // d.microbatch_rows if d.microbatch_rows and not tiny else 0
+    out: dict[str, Any] = {"params": model_lib.param_formula(model), "T": size["T"], "batch": size["batch"]}
+    for method in ("none", "kl_pre"):
+        seconds, _ = step_seconds(size, method, max(2, steps // 2), model, micro)
+        stats = device.memory_stats() or {}
+        out[method] = {"ms": seconds * 1e3, "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+        peak = (stats.get("peak_bytes_in_use") or float("nan")) / 2**30
+        print(
+            f"instruct step ({out['params'] / 1e9:.2f}B params, {method}): {seconds * 1e3:.0f} ms, "
+            f"peak memory so far {peak:.1f} GiB"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes (keeps the script working on a CPU)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak")
     parser.add_argument("--figure", default="", help="also run this quick figure end to end")
+    parser.add_argument("--instruct", action="store_true", help="also the paper-scale instruct step (1B)")
     parser.add_argument("--out", default="benchmarks/results/accelerator.json")
     args = parser.parse_args()
     runtime.configure()
@@ -156,6 +189,9 @@ def main() -> None:
         f"memory: peak in use {gib['peak_bytes_in_use']:.2f} GiB; ahead-of-time estimate: train step "
         f"{gib['fit_step_bytes']:.2f} GiB, run {gib['fit_peak_bytes']:.2f} GiB"
     )
+
+    if args.instruct:
+        report["instruct"] = instruct_step(args.tiny, args.steps, device)
 
     if args.figure:
         start = time.perf_counter()

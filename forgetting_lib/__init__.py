@@ -34,6 +34,7 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "REGULARISERS": ("engine.regularisers", "REGULARISERS"),
     # step 1-2: tokenizer and token files
     "Tokenizer": ("prep.tokenizer", "Tokenizer"),
+    "load_tokenizer": ("prep.tokenizer", "load_tokenizer"),
     "train_tokenizer": ("prep.tokenizer", "train_tokenizer"),
     "train_or_load_tokenizer": ("prep.tokenizer", "train_or_load"),
     "compression_stats": ("prep.tokenizer", "compression_stats"),
@@ -45,6 +46,8 @@ _PUBLIC: dict[str, tuple[str, str | None]] = {
     "train_and_evaluate": ("engine.train", "train_and_evaluate"),
     "RunResult": ("engine.train", "RunResult"),
     "replay_examples": ("engine.finetune", "replay_examples"),
+    "load_run": ("engine.finetune", "load_run"),
+    "export_run": ("engine.finetune", "export_run"),
     # run folders
     "load_runs": ("runs", "load_runs"),
     "read_summary": ("runs", "read_summary"),
@@ -88,7 +91,7 @@ if TYPE_CHECKING:  # what `__getattr__` returns, for type checkers and editors
     from . import figures, methods, plots
     from .config import Config, ConfigError, load as load_config
     from .engine.data import open_rows
-    from .engine.finetune import replay_examples
+    from .engine.finetune import export_run, load_run, replay_examples
     from .engine.regularisers import REGULARISERS
     from .engine.train import RunResult, train_and_evaluate
     from .experiments.explorer import Explorer
@@ -102,6 +105,7 @@ if TYPE_CHECKING:  # what `__getattr__` returns, for type checkers and editors
     from .prep.tokenizer import (
         Tokenizer,
         compression_stats,
+        load_tokenizer,
         train_or_load as train_or_load_tokenizer,
         train_tokenizer,
     )

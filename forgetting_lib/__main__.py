@@ -111,6 +111,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a finished run as a Hugging Face folder (engine/hf.py) that transformers loads."""
+    from .engine.finetune import export_run
+
+    out = export_run(args.run, args.out, dtype=args.dtype, reference_rows=args.reference_rows)
+    print(f"wrote {out} (load it back with model.load_path=hf:{out})")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     """The walkthrough notebooks 01-04 on the built-in sample (forgetting_lib/experiments/quickstart.py)."""
     from .experiments import quickstart
@@ -241,15 +249,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_tokenizer)
 
-    p = sub.add_parser("binarize", help="tokenize a corpus into a uint16 token file")
+    p = sub.add_parser(
+        "binarize", help="tokenize a corpus into a token file (uint16, uint32 past 65,536 ids)"
+    )
     p.add_argument("--corpus", required=True, help="corpus spec, e.g. sample:en")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (ours, or a Hugging Face model's)")
     p.add_argument("--out", required=True, help="token file to write (NAME.bin; sidecar NAME.json)")
     p.add_argument("--dataset-id", type=int, required=True)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--shuffle", action="store_true", help="shuffle documents (finite corpora)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_binarize)
+
+    p = sub.add_parser("export", help="write a finished run as a Hugging Face model folder")
+    p.add_argument("run", help="finished run folder, e.g. outputs/quickstart/pretrain")
+    p.add_argument("--out", required=True, help="folder to write (replaced if it is an earlier export)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    p.add_argument(
+        "--reference-rows",
+        type=int,
+        default=0,
+        help="also write reference_tokens.npy / reference_logits.npy: this many validation rows and "
+        "our logits, to check the folder in transformers (tests/hf_fixtures/make_golden.py check-export)",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="train a model from a parameter file")
     p.add_argument("params", help="YAML parameter file, e.g. params/quick/pretrain.yaml")

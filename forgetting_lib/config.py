@@ -41,6 +41,8 @@ class DataConfig:
     batch_size: int = 32  # rows per optimizer step
     valid_tokens: int = 100_000  # tokens held out for validation (rounded up to whole rows)
     split_seed: int = 0  # seed of the train/valid row split; independent of run.seed
+    old_path: str = ""  # finetuning: old-distribution token file for real replay and the `prev`
+    # evaluation ('' = the parent run's own training data; a Hugging Face parent has none)
     eval_batch_size: int = 0  # rows per evaluation batch (0 = auto: fastest for the platform)
     microbatch_rows: int = 0  # rows per gradient-accumulation slice (0 = auto; a speed knob only)
 
@@ -58,10 +60,28 @@ class ModelConfig:
     L: int = 6  # number of transformer blocks
     H: int = 64  # head dimension (heads N = D // H)
     V: int = 4096  # vocabulary size (must cover the token file's tokenizer)
-    dtype: str = "auto"  # activation dtype: auto | float32 | bfloat16 (params stay f32)
+    # The architecture's variants (defaults = the paper's model; a Hugging Face import sets them):
+    heads: int = 0  # attention heads N (0 = D // H)
+    kv_heads: int = 0  # key/value heads K (0 = N); K < N is grouped-query attention (Llama 3)
+    F: int = 0  # MLP hidden width (0 = 4 D)
+    mlp: str = "gelu"  # gelu: down(gelu_tanh(up x)) | swiglu: down(silu(gate x) * up x) (Llama)
+    norm_gain: bool = False  # RMSNorms carry a learned per-channel gain (Llama); the paper's have none
+    qk_norm: bool = True  # RMSNorm of queries and keys per head before RoPE (the paper, Qwen3)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    tie_embed: bool = False  # logits use the input embedding matrix (Llama 3.2 1B, SmolLM2)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10_000.0  # RoPE base
+    rope_factor: float = 1.0  # Llama 3 RoPE scaling: low frequencies divided by this (1 = none),
+    rope_low_freq: float = 1.0  # wavelengths above original_len / low_freq scaled fully, those
+    rope_high_freq: float = 4.0  # below original_len / high_freq kept, a smooth blend between
+    rope_original_len: int = 8192  # the context length the RoPE scaling was designed around
+    window: int = 0  # sliding-window attention: a query sees this many positions (0 = all, causal)
+    param_dtype: str = "float32"  # float32 | bfloat16: parameters (and AdamW moments) stored in it
+    dtype: str = "auto"  # activation dtype: auto | float32 | bfloat16
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
-    load_path: str = ""  # parent run folder to finetune from ('' = train from scratch);
-    # D, L, H, V and the `parent` section are then read from it
+    load_path: str = ""  # parent to finetune from ('' = train from scratch): a run folder, or
+    # hf:<folder or hub id> for a Hugging Face causal LM (engine/hf.py); the architecture (the
+    # keys above, from D) and the `parent` section are then read from it
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,9 @@ class RegConfig:
     temperature: float = 1.0  # self-generated: sampling temperature (1 = the model's distribution)
     top_p: float = 1.0  # self-generated: nucleus mass sampled from (1 = the full softmax, the paper)
     reuse: int = 1  # self-generated: steps each sampled row is replayed in (1 = once, the paper)
+    prompt: str = "id"  # self-generated: each row's prompt: id (the old data's dataset-id token, BOS
+    # for a Hugging Face model, alone: the paper) | chat (the parent's chat template for an empty
+    # conversation, up to the assistant's turn)
     fisher_batches: int = 8  # ewc: replay batches used to estimate the diagonal Fisher
 
 
@@ -100,7 +123,7 @@ class ParentConfig:
     split_seed: int = 0  # the parent's split seed, so `prev` rows are its validation rows
     T: int = 0  # the parent's row length
     valid_tokens: int = 0  # the parent's validation size
-    seed: int = 0  # the parent's run seed (reproduces its init for weight drift)
+    seed: int = 0  # the parent's init seed for weight drift (-1: an imported model, init unknown)
     final_valid_ntp: float | None = None  # the parent's final validation loss (forgetting baseline)
     dataset_token: int = -1  # the id token of the parent's data (the self-generated prompt)
     tokenizer_fingerprint: str = ""  # the parent's tokenizer: every token file of the run must match
@@ -136,6 +159,10 @@ class LogConfig:
     teacher_cache_mb: float = 4096  # memory for the parent's side of that KL, computed once per run:
     # per eval set its next-token probabilities (4 V bytes/token) if they fit, else its hidden
     # states (4 D bytes/token), else none (a parent forward at every evaluation, ~2x eval cost)
+    mc_evals: str = ""  # multiple-choice benchmarks scored at every evaluation (metrics mc_<name>,
+    # mc_mean): comma-separated name=spec, names mmlu | arc | csqa, specs hf:<dataset>[:<config>]
+    # [?split=..&data_files=..] (prep/benchmarks.py; BENCHMARKS is the paper's); "" = none
+    mc_limit: int = 0  # questions per benchmark, spread over its split (0 = all)
     # Optional mirrors of metrics.jsonl (trackers.py; pip install 'forgetting_lib[trackers]'):
     wandb: bool = False  # also log every metrics row to Weights & Biases (files in <run>/wandb/)
     wandb_project: str = "forgetting"  # the W&B project the run is logged to
@@ -169,7 +196,11 @@ class Config:
 
 
 LENGTH_RULES = ("num_tokens_train", "tokens_per_param", "num_epochs")
-ARCHITECTURE = ("D", "L", "H", "V")  # model keys a finetune takes from its parent
+ARCHITECTURE = (  # model keys a finetune takes from its parent
+    *("D", "L", "H", "V", "heads", "kv_heads", "F", "mlp", "norm_gain", "qk_norm", "qkv_bias"),
+    *("tie_embed", "norm_eps", "rope_theta", "rope_factor", "rope_low_freq", "rope_high_freq"),
+    *("rope_original_len", "window"),
+)
 
 # Paths a config names. Given in a parameter file, an override or a notebook parameter, they are
 # relative to the current directory (the project root, where `make`, the CLI examples and
@@ -181,8 +212,9 @@ ARCHITECTURE = ("D", "L", "H", "V")  # model keys a finetune takes from its pare
 # other values.
 NEUTRAL_KEYS = ("log.progress", "log.wandb", "log.wandb_project", "log.wandb_mode", "log.tensorboard")
 NEUTRAL_SECTIONS = ("mesh.",)
-PATH_KEYS = ("data.path", "mix.path", "model.load_path", "parent.data_path")
+PATH_KEYS = ("data.path", "data.old_path", "mix.path", "model.load_path", "parent.data_path")
 WRITTEN_AT = "written_at"
+HF_PREFIX = "hf:"  # model.load_path of a Hugging Face model (engine/hf.py)
 
 
 def paths_relative_to(raw: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
@@ -217,7 +249,12 @@ def _map_paths(raw: Mapping[str, Any], fn: Any) -> dict[str, Any]:
     for key in PATH_KEYS:
         section, _, name = key.partition(".")
         value = out[section].get(name) if isinstance(out.get(section), dict) else None
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value.startswith(HF_PREFIX):  # hf:<folder or hub id>
+            rest = value[len(HF_PREFIX) :]
+            mapped = fn(rest)
+            if os.path.isdir(rest) or os.path.isdir(mapped):  # a local folder; a hub id stays as given
+                out[section][name] = HF_PREFIX + mapped
+        elif isinstance(value, str) and value:
             out[section][name] = fn(value)
     return out
 
@@ -371,11 +408,24 @@ def validate(cfg: Config) -> None:
     """Reject inconsistent combinations before any work starts."""
     m, d, o, s = cfg.model, cfg.data, cfg.opt, cfg.stop
     _check(
-        m.D > 0 and m.L > 0 and m.H > 0 and m.D % m.H == 0,
+        m.D > 0 and m.L > 0 and m.H > 0 and m.heads >= 0 and (m.heads > 0 or m.D % m.H == 0),
         "model.D",
-        f"model.D={m.D} must be a positive multiple of model.H={m.H}",
+        f"model.D={m.D} must be a positive multiple of model.H={m.H} (or set model.heads)",
     )
-    _check(0 < m.V <= 65536, "model.V", f"model.V={m.V} must be in 1..65536 (token files are uint16)")
+    _check(m.V > 0, "model.V", f"model.V={m.V} must be positive")
+    heads, kv_heads = m.heads or m.D // m.H, m.kv_heads or m.heads or m.D // m.H
+    _check(
+        heads > 0 and kv_heads > 0 and heads % kv_heads == 0,
+        "model.kv_heads",
+        f"model.kv_heads={kv_heads} must divide the {heads} attention heads (model.heads)",
+    )
+    _check(m.F >= 0 and m.window >= 0, "model.F", "model.F and model.window must be >= 0")
+    _check(m.mlp in ("gelu", "swiglu"), "model.mlp", f"model.mlp={m.mlp!r} must be gelu or swiglu")
+    _check(
+        m.param_dtype in ("float32", "bfloat16"),
+        "model.param_dtype",
+        f"model.param_dtype={m.param_dtype!r} must be float32 or bfloat16",
+    )
     _check(
         m.dtype in ("auto", "float32", "bfloat16"),
         "model.dtype",
@@ -434,6 +484,7 @@ def validate(cfg: Config) -> None:
         )
     _check(cfg.log.every_tokens > 0, "log.every_tokens", "log.every_tokens must be positive")
     _check(cfg.log.teacher_cache_mb >= 0, "log.teacher_cache_mb", "log.teacher_cache_mb must be >= 0")
+    _validate_benchmarks(cfg.log)
     _check(
         cfg.log.wandb_mode in ("auto", "online", "offline"),
         "log.wandb_mode",
@@ -446,6 +497,16 @@ def validate(cfg: Config) -> None:
         f"without / \\ # ? % :",
     )
     _validate_finetuning(cfg)
+
+
+def _validate_benchmarks(log: LogConfig) -> None:
+    from .prep.benchmarks import BenchmarkError, parse_benchmarks
+
+    try:
+        parse_benchmarks(log.mc_evals)
+    except BenchmarkError as err:
+        raise ConfigError(f"log.mc_evals: {err}") from None
+    _check(log.mc_limit >= 0, "log.mc_limit", f"log.mc_limit={log.mc_limit} must be >= 0 (0 = all questions)")
 
 
 def _validate_finetuning(cfg: Config) -> None:
@@ -481,6 +542,7 @@ def _validate_finetuning(cfg: Config) -> None:
     )
     _check(0 < r.top_p <= 1, "reg.top_p", f"reg.top_p={r.top_p} must be in (0, 1] (1 = full softmax)")
     _check(r.reuse >= 1, "reg.reuse", f"reg.reuse={r.reuse} must be >= 1 (1 = each row replayed once)")
+    _check(r.prompt in ("id", "chat"), "reg.prompt", f"reg.prompt={r.prompt!r} must be id or chat")
     _check(cfg.lora.rank >= 0, "lora.rank", "lora.rank must be >= 0")
 
 

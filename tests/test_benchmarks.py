@@ -27,8 +27,19 @@ def test_accelerator_script_runs_at_a_toy_size(tmp_path):
 
     out = tmp_path / "accelerator.json"
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "benchmarks.accelerator", "--tiny", "--steps", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.accelerator",
+        "--tiny",
+        "--instruct",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, cwd=root, check=True, timeout=300, capture_output=True)
     report = json.loads(out.read_text())
     assert report["train_step"]["tokens_per_s"] > 0 and report["kl_step"]["vs_plain"] > 1
     assert report["sampler"]["tokens_per_s"] > 0 and report["memory"]["fit_step_bytes"] > 0
+    assert report["instruct"]["none"]["ms"] > 0 and report["instruct"]["kl_pre"]["ms"] > 0

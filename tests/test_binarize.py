@@ -217,3 +217,29 @@ def test_document_lengths(small_tokenizer, small_corpus_dir, small_docs, tmp_pat
     assert lengths.sum() == whole["num_tokens"]
     binarize(corpus, small_tokenizer, tmp_path / "b.bin", dataset_id=0, max_tokens=int(lengths[0]) + 3)
     assert document_lengths(tmp_path / "b.bin").tolist() == [lengths[0], 3]  # the cut document counts
+
+
+def test_sidecar_dtype_decides_the_item_size(small_tokenizer, small_corpus_dir, tmp_path):
+    out = tmp_path / "x.bin"
+    meta = binarize(f"files:{small_corpus_dir}/*.txt", small_tokenizer, out, dataset_id=0)
+    ids = np.asarray(read_token_file(out)[0]).copy()
+    ids.astype("<u4").tofile(out)  # the same ids, 4 bytes each, under a uint16 sidecar
+    with pytest.raises(TokenFileError, match=r"says \d+ tokens of uint16 .*incomplete or from another run"):
+        read_token_file(out)
+    sidecar_path(out).write_text(json.dumps(meta | {"dtype": "uint32"}))
+    tokens, _ = read_token_file(out)
+    assert tokens.dtype == np.dtype("<u4") and tokens.tolist() == ids.tolist()
+    sidecar_path(out).write_text(json.dumps(meta | {"dtype": "int8"}))
+    with pytest.raises(TokenFileError, match="'int8', expected .*'uint16', 'uint32'"):
+        read_token_file(out)
+
+
+def test_token_dtype_is_the_smallest_that_fits():
+    from forgetting_lib.prep.binarize import token_dtype
+
+    assert [token_dtype(v) for v in (400, 65_536, 65_537, 128_256)] == [
+        "uint16",
+        "uint16",
+        "uint32",
+        "uint32",
+    ]

@@ -122,7 +122,11 @@ def test_accepted_coercions():
         ({"mix.fraction": 0.25}, "mix.path"),  # fraction, no file
         ({"mix.fraction": 1.0, "mix.path": "m.bin"}, "mix.fraction"),
         ({"model.D": 60, "model.H": 16}, "model.D"),  # D % H != 0
-        ({"model.V": 65537}, "model.V"),  # beyond uint16
+        ({"model.V": 0}, "model.V"),
+        ({"model.kv_heads": 3}, "model.kv_heads"),  # must divide the 4 heads
+        ({"model.mlp": "relu"}, "model.mlp"),
+        ({"model.param_dtype": "float16"}, "model.param_dtype"),
+        ({"reg.prompt": "text"}, "reg.prompt"),
         ({"model.dtype": "float16"}, "model.dtype"),
         ({"opt.schedule": "linear"}, "opt.schedule"),
         ({"opt.lr": 0.0}, "opt.lr"),

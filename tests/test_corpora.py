@@ -137,3 +137,24 @@ def test_files_errors(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(CorpusError, match=r"a\.jsonl:1.*'text'"):
         list(iter_documents(f"files:{tmp_path}/a.jsonl"))
+
+
+def test_files_reads_source_code_and_markup_as_whole_file_documents(tmp_path):
+    code = "import os\n\n\ndef f():\n    return 1\n"  # blank lines stay inside the document
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg/a.py").write_text(code, encoding="utf-8")
+    (tmp_path / "pkg/__init__.py").write_text("")  # no text: no document
+    (tmp_path / "pkg/b.sv").write_text("module m;\r\nendmodule\r\n", encoding="utf-8")
+    (tmp_path / "pkg/c.md").write_text("# Título\n\nText.", encoding="utf-8")
+    assert list(iter_documents(f"files:{tmp_path}/**/*")) == [
+        code,
+        "module m;\nendmodule\n",
+        "# Título\n\nText.",
+    ]
+    assert list(iter_documents(f"files:{tmp_path}/**/*.py")) == [code]
+    (tmp_path / "pkg/bad.rs").write_bytes(b"fn main() {}\n// caf\xe9\n")
+    with pytest.raises(CorpusError, match=r"bad\.rs: byte 19 \(line 2\) is not UTF-8"):
+        list(iter_documents(f"files:{tmp_path}/pkg/bad.rs"))
+    (tmp_path / "pkg/a.pyc").write_bytes(b"\0")
+    with pytest.raises(CorpusError, match=r"a\.pyc; supported: .*\.txt.*\.py.*\.tex"):
+        list(iter_documents(f"files:{tmp_path}/pkg/*.pyc"))

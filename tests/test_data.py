@@ -183,3 +183,13 @@ def test_truncated_token_file_is_an_error(tmp_path):
         f.truncate(10 * T * 2 - 2)
     with pytest.raises(TokenFileError, match=r"cut\.bin.*incomplete"):
         open_rows(path, T=T, valid_tokens=0, split_seed=0, vocab_size=V)
+
+
+def test_uint32_token_files_give_int32_rows_with_ids_past_uint16(tmp_path):
+    ids = np.arange(65_530, 65_530 + 4 * T)  # crosses 65,535
+    path = write_token_file(tmp_path / "big.bin", ids.size, vocab_size=70_000, tokens=ids, dtype="uint32")
+    rows = open_rows(path, T=T, valid_tokens=0, split_seed=0, vocab_size=70_000)
+    got = rows.rows(np.arange(4))
+    assert got.dtype == np.int32 and got[:, 1:].tolist() == ids.reshape(4, T)[:, 1:].tolist()
+    with pytest.raises(DataError, match="set model.V >= 70000"):
+        open_rows(path, T=T, valid_tokens=0, split_seed=0, vocab_size=65_536)

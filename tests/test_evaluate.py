@@ -11,7 +11,7 @@ import pytest
 
 from forgetting_lib.config import ModelConfig
 from forgetting_lib.engine.evaluate import identical, make_evaluator, make_teacher_pass, teacher_forms
-from forgetting_lib.engine.model import abstract_params, make_hidden
+from forgetting_lib.engine.model import abstract_params, make_forward, make_hidden
 
 CFG = ModelConfig(D=32, L=2, H=16, V=64, dtype="float32")
 NB, BE, T = 3, 4, 16
@@ -36,7 +36,7 @@ def test_cached_forms_equal_recomputing_the_parent(setting):
     for form in ("probs", "hidden"):
         own, cache = make_teacher_pass(hidden, form)(teacher, tokens, mask)
         out = make_evaluator(hidden, form)(student, cache, tokens, mask)
-        assert set(out) == {"ntp", "ntp_h2", "kl"}
+        assert set(out) == {"ntp", "ntp_h2", "acc", "kl"}
         for key in out:
             np.testing.assert_allclose(out[key], reference[key], rtol=1e-5, err_msg=f"{form} {key}")
     probs = make_teacher_pass(hidden, "probs")(teacher, tokens, mask)[1]
@@ -50,9 +50,33 @@ def test_parent_pass_is_the_parents_evaluation(setting):
     assert float(with_kl["kl"]) == 0.0  # KL(pi || pi), exactly
     for form in ("probs", "hidden"):
         own, _ = make_teacher_pass(hidden, form)(teacher, tokens, mask)
-        assert set(own) == {"ntp", "ntp_h2"}
+        assert set(own) == {"ntp", "ntp_h2", "acc"}
         for key in own:
             np.testing.assert_allclose(own[key], plain[key], rtol=1e-6)
+
+
+def test_token_accuracy_equals_numpy_argmax(setting):
+    """`acc` is the fraction of predicted positions whose argmax next token is the actual one,
+    per row, averaged over unmasked rows: rows half made of the model's own greedy choices make
+    it far from 0 and from 1."""
+    hidden, teacher, _, tokens, mask = setting
+    forward = jax.jit(make_forward(abstract_params(CFG)[0]))
+    rows = np.array(tokens.reshape(NB * BE, T))
+    choose = np.random.default_rng(1).random((NB * BE, T)) < 0.5
+    for t in range(T - 1):  # the logits at t see tokens <= t only, so setting t + 1 keeps them
+        greedy = np.argmax(np.asarray(forward(teacher, jnp.asarray(rows))[:, t]), axis=-1)
+        rows[:, t + 1] = np.where(choose[:, t + 1], greedy, rows[:, t + 1])
+    logits = np.asarray(forward(teacher, jnp.asarray(rows)), np.float64)  # [NB BE, T, V]
+    hits = (np.argmax(logits[:, :-1], axis=-1) == rows[:, 1:]).mean(axis=1)  # [NB BE]
+    m = np.asarray(mask).reshape(-1)
+    expected = float((hits * m).sum() / m.sum())
+    assert 0.3 < expected < 0.9
+    batches = jnp.asarray(rows.reshape(NB, BE, T))
+    out = make_evaluator(hidden)(teacher, None, batches, mask)
+    assert float(out["acc"]) == pytest.approx(expected, abs=1e-6)
+    for form in ("probs", "hidden"):  # the parent's own pass reports the same accuracy
+        own, _ = make_teacher_pass(hidden, form)(teacher, batches, mask)
+        assert float(own["acc"]) == pytest.approx(expected, abs=1e-6)
 
 
 def test_identical(setting):

@@ -12,6 +12,7 @@ import pytest
 from forgetting_lib import figures
 from forgetting_lib.experiments import notebooks, sweep
 from forgetting_lib.figures import analysis, high_lr, learning_rate, method_comp, replay_diagnostics
+from forgetting_lib.prep.binarize import binarize
 
 from finetune_fixtures import noisy_chain
 from tokenfiles import write_token_file
@@ -347,3 +348,58 @@ def test_lora_is_compared_with_standard_at_its_own_best_new_loss():
     assert not method_comp.claims(method_comp.table(df, 6.0), df)[
         "LoRA forgets at least ~as much as standard at equal new-task loss"
     ][0]
+
+
+def test_instruct_notebook_exports_and_reimports_its_parent(tmp_path, sample_tokenizer):
+    """The quick instruct flow at test size: a parent pretrained on English, exported as a Hugging
+    Face folder, its tokenizer binarizing Python code, finetuned from `hf:<folder>` three ways."""
+    english = binarize("sample:en", sample_tokenizer, tmp_path / "en.bin", dataset_id=0, max_tokens=30_000)
+    model_dir, code = tmp_path / "instruct" / "model", tmp_path / "instruct" / "python.bin"
+    pretrain = {**PRETRAIN, "model": {**PRETRAIN["model"], "V": sample_tokenizer.vocab_size}}
+    finetune = {
+        **FINETUNE,
+        "model": {"load_path": f"hf:{model_dir}", "dtype": "float32"},
+        "data": {**FINETUNE["data"], "path": str(code)},
+        "stop": {"num_tokens_train": 8 * B * T},
+    }
+    spec = {
+        "out": str(tmp_path / "instruct"),
+        "stages": {
+            "pretrain": {
+                "base": pretrain,
+                "set": {"data.path": str(tmp_path / "en.bin")},
+                "grid": {"opt.lr": [3e-3]},
+                "out": str(tmp_path / "pretrain"),
+            },
+            "finetune": {"base": finetune, "grid": {"method": ["standard", "ntp_real", "kl_self"]}},
+        },
+    }
+    params = {
+        "sweep": spec,
+        "code_corpus": "files:{python_stdlib}/json/*.py",
+        "code_tokens": 20_000,
+        "target_acc": 0.05,
+        "old_metric": "prev_acc",
+        "workers": 1,
+        "notebook_runs": False,
+        "figures_dir": str(tmp_path / "figures"),
+    }
+    root = Path(__file__).resolve().parents[1]
+    executed = notebooks.run_notebook("figures/instruct", params, tmp_path / "nb", cwd=root)
+    outputs = json.dumps([c.get("outputs") for c in json.loads(executed.read_text())["cells"]])
+    for text in ("old_drop", "paper_old_metric", "KL self loses", "reached_target"):
+        assert text in outputs
+    assert (tmp_path / "figures" / "instruct.html").is_file()
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "apertus"
+    assert (
+        json.loads((model_dir / "forgetting.json").read_text())["parent"]["dataset_token"]
+        == (english["dataset_token"])
+    )
+    df = sweep.load_stage(spec, "finetune")
+    assert set(df["axis.method"]) == {"standard", "ntp_real", "kl_self"}
+    assert df[["prev_acc", "valid_acc", "prev_ntp"]].notna().all().all()
+    first = df[df["step"] == 0]
+    assert first["prev_ntp"].nunique() == 1  # every run starts from the same imported parent
+    # the reimported parent's step-0 English loss is its pretraining run's final validation loss
+    final = sweep.load_stage(spec, "pretrain").sort_values("step")["valid_ntp"].iloc[-1]
+    assert float(first["prev_ntp"].iloc[0]) == pytest.approx(float(final), rel=1e-5)

@@ -453,7 +453,7 @@ def test_self_generated_replay_samples_the_frozen_parent(world, kl_synth):
     fresh = replay_lib.SelfGeneratedReplay(
         used.graphdef,
         parent_params,
-        used.dataset_token,
+        used.prompt,
         used.batch_size,
         T,
         used.buffer,

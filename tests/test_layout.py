@@ -19,9 +19,12 @@ PACKAGE = ROOT / "forgetting_lib"
 # Layers, lowest first: a module may import its own layer and the ones below it.
 LAYERS = {"prep": 1, "engine": 2, "experiments": 3, "figures": 4}
 ENTRY_POINTS = {"forgetting_lib", "forgetting_lib.__main__"}  # they import from every layer
-# config validates reg.method against the engine's registry (inside a function: importing
-# config stays free of JAX); the one upward edge.
-ALLOWED_UPWARD = {("forgetting_lib.config", "forgetting_lib.engine.regularisers")}
+# config validates reg.method against the engine's registry and log.mc_evals against the
+# benchmark formats (inside functions: importing config stays free of JAX); the upward edges.
+ALLOWED_UPWARD = {
+    ("forgetting_lib.config", "forgetting_lib.engine.regularisers"),
+    ("forgetting_lib.config", "forgetting_lib.prep.benchmarks"),
+}
 
 
 def _module_name(path: Path) -> str:

@@ -142,3 +142,20 @@ def test_a_kernel_started_inside_notebooks_works_in_the_project_root(tmp_path):
     assert project_root(tmp_path / "proj" / "notebooks") == (tmp_path / "proj").resolve()
     assert project_root(tmp_path / "proj" / "notebooks" / "figures") == (tmp_path / "proj").resolve()
     assert project_root(tmp_path / "proj") is None
+
+
+def test_hf_load_paths_are_stored_relative_when_local_and_as_given_when_hub_ids(tmp_path, monkeypatch):
+    """`hf:<folder>` follows the path rule (relative to the run folder once stored); `hf:<owner/name>`,
+    a hub id, is not a path and is kept as typed."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    raw = {"model": {"load_path": "hf:models/tiny"}, "data": {"path": "data/new.bin"}}
+    stored = config.paths_relative_to(raw, "runs/child")
+    assert stored["model"]["load_path"] == "hf:" + os.path.join("..", "..", "models", "tiny")
+    monkeypatch.chdir(tmp_path / "models")  # opened from elsewhere: back to a path from here
+    back = config.paths_resolved_from(stored, os.path.join("..", "runs", "child"))
+    assert back["model"]["load_path"] == "hf:" + os.path.join("..", "models", "tiny")
+    assert os.path.isdir(back["model"]["load_path"].removeprefix("hf:"))
+    hub = {"model": {"load_path": "hf:meta-llama/Llama-3.2-1B"}}
+    assert config.paths_relative_to(hub, "runs/child")["model"]["load_path"] == "hf:meta-llama/Llama-3.2-1B"
+    assert config.paths_resolved_from({**hub, config.WRITTEN_AT: str(tmp_path)}, "x")["model"] == hub["model"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forgetting_lib.prep.binarize import FORMAT, sidecar_path
+from forgetting_lib.prep.binarize import DTYPES, FORMAT, sidecar_path
 
 FIRST_TEXT_ID = 4
 
@@ -26,8 +26,9 @@ def write_token_file(
     pattern: str = "cycle",
     seed: int = 0,
     tokens: np.ndarray | None = None,
+    dtype: str = "uint16",
 ) -> Path:
-    """Write `path` (.bin, uint16) and its sidecar; returns the .bin path.
+    """Write `path` (.bin, `dtype`: uint16 or uint32) and its sidecar; returns the .bin path.
 
     pattern "cycle": the text ids in a fixed random order, repeated (each next token is a
     deterministic function of the current one: a bigram a 1-layer model learns to ~0 loss).
@@ -47,10 +48,10 @@ def write_token_file(
             raise ValueError(f"unknown pattern {pattern!r}")
     tokens = np.asarray(tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens.astype("<u2").tofile(path)
+    tokens.astype(DTYPES[dtype]).tofile(path)
     sidecar = {
         "format": FORMAT,
-        "dtype": "uint16",
+        "dtype": dtype,
         "num_tokens": int(tokens.size),
         "num_documents": 1,
         "dataset_id": dataset_token,

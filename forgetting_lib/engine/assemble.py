@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from .. import config as config_lib, runtime
+from ..prep.binarize import read_token_file
+from ..prep.tokenizer import load_tokenizer
 from . import data as data_lib, lora as lora_lib, model as model_lib, regularisers, replay as replay_lib
 from .evaluate import make_evaluator, make_teacher_pass, teacher_forms
 from .finetune import Parent, load_parent
@@ -217,10 +219,11 @@ def _attach_parent(setup: Setup, eval_rows: int) -> None:
                 f"the parent {cfg.model.load_path} records no dataset-id token "
                 f"and its data {p.data_path} is gone: cannot prompt the sampler"
             )
+        prompt = token if r.prompt == "id" else chat_prompt(main_rows_tokenizer(cfg))
         setup.replay = replay_lib.SelfGeneratedReplay(
             setup.graphdef,
             setup.parent.params,
-            token,
+            prompt,
             source_rows,
             cfg.data.T,
             r.buffer,
@@ -245,6 +248,25 @@ def _attach_parent(setup: Setup, eval_rows: int) -> None:
         setup.ctx["fisher"] = setup.placement.put(
             replay_lib.diagonal_fisher(model_lib.make_hidden(setup.graphdef), setup.parent.params, batches)
         )
+
+
+def main_rows_tokenizer(cfg: config_lib.Config) -> Any:
+    """The tokenizer of the run's training data (its sidecar's `tokenizer_dir`)."""
+    folder = read_token_file(cfg.data.path)[1].get("tokenizer_dir")
+    if not folder:
+        raise data_lib.DataError(f"{cfg.data.path}: its sidecar names no tokenizer_dir; re-binarize it")
+    return load_tokenizer(folder)
+
+
+def chat_prompt(tok: Any) -> tuple[int, ...]:
+    """reg.prompt=chat: the tokenizer's chat template for an empty conversation, up to the
+    assistant's turn (prep/tokenizer.py), as the self-generated rows' prompt."""
+    if not hasattr(tok, "chat_prompt"):
+        raise data_lib.DataError(
+            f"reg.prompt=chat needs a Hugging Face tokenizer with a chat template; {tok} has none "
+            f"(use reg.prompt=id)"
+        )
+    return tuple(tok.chat_prompt())
 
 
 def _fingerprint(rows: data_lib.TokenRows) -> str:

@@ -120,6 +120,8 @@ def load(directory: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
                 f"{found}: has no array {key}; it was written for another model or optimizer configuration"
             )
         value = arrays[key]
+        if value.dtype.kind == "V" and value.dtype.itemsize == np.dtype(like.dtype).itemsize:
+            value = value.view(like.dtype)  # .npz keeps bfloat16 (an extension dtype) as raw bytes
         if value.shape != tuple(like.shape) or value.dtype != like.dtype:
             raise CheckpointError(
                 f"{found}: {key} is {value.dtype}{list(value.shape)} but the "

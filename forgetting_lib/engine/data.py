@@ -1,7 +1,8 @@
 """Token files as rows: split once into train/valid, batches as pure functions of the step.
 
-A token file of n tokens is cut into n // T non-overlapping rows of T tokens. Position 0 of every
-row is overwritten with the file's dataset-id token (from its sidecar), so a model learns
+A token file of n tokens (uint16 or uint32, as its sidecar says) is cut into n // T non-overlapping
+rows of T tokens, handed on as int32. Position 0 of every row is overwritten with the file's
+dataset-id token (from its sidecar; BOS for a Hugging Face tokenizer), so a model learns
 p(text | dataset id). The rows are split into train and valid by `split_seed` alone, so a
 finetuning run that reuses the parent's split seed measures "old-data loss" on the same rows the
 parent was validated on.
@@ -37,7 +38,7 @@ class TokenRows:
 
     path: Path
     sidecar: dict[str, Any]
-    tokens: np.ndarray  # [num_tokens] uint16, memory-mapped
+    tokens: np.ndarray  # [num_tokens] uint16 or uint32 (the sidecar's dtype), memory-mapped
     T: int  # row length in tokens
     train_rows: np.ndarray  # [n_train] row indices (sorted)
     valid_rows: np.ndarray  # [n_valid] row indices (sorted), disjoint from train_rows

@@ -1,8 +1,11 @@
 """Evaluation as one jitted `lax.scan` over device-resident batches.
 
-One forward pass per batch yields every loss we report: the mean next-token loss (`ntp`), the
+One forward pass per batch yields every metric we report: the mean next-token loss (`ntp`), the
 loss on the second half of each row (`ntp_h2`, positions that see at least T/2 tokens of
-context), and, when finetuning, the KL from the frozen parent to the current model (`kl`).
+context), the token accuracy (`acc`: the fraction of the loss's positions whose most likely next
+token, the argmax, is the actual one, an exact tie counting as a hit; from the maximum logit the
+loss's logsumexp takes anyway, so it costs no extra pass over the logits) and, when finetuning,
+the KL from the frozen parent to the current model (`kl`).
 
 The parent never changes and the eval rows are fixed, so its side of the KL is computed once per
 run and eval set by `make_teacher_pass` (at the first evaluation, where the model is still the
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .losses import chunked_stats, chunked_teacher
+from .losses import chunked_eval_stats, chunked_teacher
 
 TEACHER_FORMS = ("probs", "hidden", "params")
 
@@ -32,7 +35,7 @@ TEACHER_FORMS = ("probs", "hidden", "params")
 def make_evaluator(hidden: Callable, teacher: str | None = None) -> Callable:
     """evaluate(params, teacher_in, tokens [nb, Be, T] int32, mask [nb, Be] f32) -> metrics (jitted).
 
-    Metrics: {"ntp", "ntp_h2"} and, with a `teacher` form, "kl" = KL(teacher || params) per
+    Metrics: {"ntp", "ntp_h2", "acc"} and, with a `teacher` form, "kl" = KL(teacher || params) per
     token. `teacher_in` is, per form: "params" the parent's parameters; "hidden" (hidden
     [nb, Be, T, D], unembed [D, V]); "probs" a CachedTeacher [nb, Be, T, V]; None without KL.
     """
@@ -50,10 +53,11 @@ def make_evaluator(hidden: Callable, teacher: str | None = None) -> Callable:
                 ref = hidden(teacher_in, batch)
             elif teacher == "hidden":
                 ref = (ref, teacher_in[1])
-            ntp, kl = chunked_stats(*hidden(params, batch), batch, teacher=ref)  # [Be, T-1], [Be, T]
-            return sums + _batch_sums(ntp, m, kl if teacher is not None else None), None
+            # ntp, hit [Be, T-1]; kl [Be, T] (None without a teacher)
+            ntp, kl, hit = chunked_eval_stats(*hidden(params, batch), batch, teacher=ref)
+            return sums + _batch_sums(ntp, hit, m, kl), None
 
-        n = 3 if teacher is None else 4
+        n = 4 if teacher is None else 5
         sums, _ = jax.lax.scan(body, jnp.zeros(n, jnp.float32), (tokens, mask, per_batch))
         return _means(sums, teacher is not None)
 
@@ -63,7 +67,7 @@ def make_evaluator(hidden: Callable, teacher: str | None = None) -> Callable:
 def make_teacher_pass(hidden: Callable, form: str) -> Callable:
     """teacher_pass(teacher, tokens [nb, Be, T], mask [nb, Be]) -> (metrics, teacher_in) (jitted).
 
-    One forward of the frozen parent over an eval set: its own {"ntp", "ntp_h2"} (so when the
+    One forward of the frozen parent over an eval set: its own {"ntp", "ntp_h2", "acc"} (so when the
     model being evaluated *is* the parent, this pass is its evaluation, with KL 0) and the cache
     of `form` ("probs" or "hidden") that `make_evaluator(hidden, form)` reads.
     """
@@ -75,13 +79,13 @@ def make_teacher_pass(hidden: Callable, form: str) -> Callable:
             batch, m = xs  # [Be, T], [Be]
             h, unembed = hidden(teacher, batch)  # [Be, T, D], [D, V]
             if form == "probs":
-                ntp, kept = chunked_teacher(h, unembed, batch)  # [Be, T-1]; [Be, T, V], [Be, T]
+                ntp, hit, kept = chunked_teacher(h, unembed, batch)  # [Be, T-1] x2; [Be, T, V], [Be, T]
             else:
-                ntp, _ = chunked_stats(h, unembed, batch)  # [Be, T-1]
+                ntp, _, hit = chunked_eval_stats(h, unembed, batch)  # [Be, T-1] x2
                 kept = h
-            return sums + _batch_sums(ntp, m), kept
+            return sums + _batch_sums(ntp, hit, m), kept
 
-        sums, kept = jax.lax.scan(body, jnp.zeros(3, jnp.float32), (tokens, mask))
+        sums, kept = jax.lax.scan(body, jnp.zeros(4, jnp.float32), (tokens, mask))
         unembed = hidden(teacher, tokens[0, :1])[1]  # the unembedding (XLA drops the unused trunk)
         return _means(sums, False), (kept if form == "probs" else (kept, unembed))
 
@@ -103,20 +107,21 @@ def teacher_forms(sets: dict[str, tuple[int, ...]], D: int, V: int, budget_mb: f
     return forms
 
 
-def _batch_sums(ntp: jax.Array, mask: jax.Array, kl: jax.Array | None = None) -> jax.Array:
-    """Masked sums over a batch's rows: [ntp, ntp on the second half of each row, (kl,) rows]
-    from ntp [Be, T-1], mask [Be] and kl [Be, T]; `_means` divides by the last."""
+def _batch_sums(ntp: jax.Array, hit: jax.Array, mask: jax.Array, kl: jax.Array | None = None) -> jax.Array:
+    """Masked sums over a batch's rows: [ntp, ntp on the second half of each row, accuracy,
+    (kl,) rows] from ntp and hit [Be, T-1], mask [Be] and kl [Be, T]; `_means` divides by the
+    last."""
     T = ntp.shape[1] + 1
-    per_row = [jnp.mean(ntp, axis=1), jnp.mean(ntp[:, T // 2 - 1 :], axis=1)]  # [Be] each
+    per_row = [jnp.mean(ntp, axis=1), jnp.mean(ntp[:, T // 2 - 1 :], axis=1), jnp.mean(hit, axis=1)]  # [Be]
     if kl is not None:
         per_row.append(jnp.mean(kl, axis=1))
     return jnp.stack([jnp.sum(x * mask) for x in per_row] + [jnp.sum(mask)])
 
 
 def _means(sums: jax.Array, with_kl: bool) -> dict[str, jax.Array]:
-    out = {"ntp": sums[0] / sums[-1], "ntp_h2": sums[1] / sums[-1]}
+    out = {"ntp": sums[0] / sums[-1], "ntp_h2": sums[1] / sums[-1], "acc": sums[2] / sums[-1]}
     if with_kl:
-        out["kl"] = sums[2] / sums[-1]
+        out["kl"] = sums[3] / sums[-1]
     return out
 
 

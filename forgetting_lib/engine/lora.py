@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from ..config import ConfigError
 
 # Block matrices and how many leading axes form their fan-in (see model.Block).
-FAN_IN_AXES = {"qkv": 1, "out": 2, "up": 1, "down": 1}
+FAN_IN_AXES = {"qkv": 1, "q": 1, "kv": 1, "out": 2, "gate": 1, "up": 1, "down": 1}
 
 Adapters = dict[str, dict[str, jax.Array]]  # "block.name" -> {"A": [in, r], "B": [r, out]}
 

@@ -113,6 +113,30 @@ def chunked_stats(
     is processed under `jax.checkpoint`, so the backward pass recomputes its [R, V] logits
     instead of storing [B, T, V] of them.
     """
+    ntp, kl, _ = _chunked(hidden, unembed, tokens, teacher, hits=False)
+    return ntp, kl
+
+
+def chunked_eval_stats(
+    hidden: jax.Array,
+    unembed: jax.Array,
+    tokens: jax.Array,
+    teacher: tuple[jax.Array, jax.Array] | CachedTeacher | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """`chunked_stats` plus hit [B, T-1] float32: 1 where the next token is the most likely one
+    (its logit is the maximum; an exact tie counts as a hit), from the same chunks' logits.
+    Evaluation's token accuracy is the mean hit."""
+    return _chunked(hidden, unembed, tokens, teacher, hits=True)
+
+
+def _chunked(
+    hidden: jax.Array,
+    unembed: jax.Array,
+    tokens: jax.Array,
+    teacher: tuple[jax.Array, jax.Array] | CachedTeacher | None,
+    hits: bool,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(ntp [B, T-1], kl [B, T] or None, hit [B, T-1] or None); see `chunked_stats`."""
     B, T, D = hidden.shape
     split = _splitter(B * T)
     targets = split(jnp.roll(tokens, -1, axis=1))  # position t is scored against token t+1
@@ -124,38 +148,58 @@ def chunked_stats(
         xs += (split(teacher[0]),)
 
     @jax.checkpoint
-    def chunk(_: None, xs: tuple[jax.Array, ...]) -> tuple[None, tuple[jax.Array, jax.Array]]:
+    def chunk(_: None, xs: tuple[jax.Array, ...]) -> tuple[None, tuple[jax.Array, ...]]:
         h_c, t_c = xs[0], xs[1]
         logits = _logits(h_c, unembed)  # [R, V]
         target_logit = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]  # [R]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [R]
-        ntp = lse - target_logit
-        if teacher is None:
-            return None, (ntp, jnp.zeros_like(ntp))
+        if hits:  # the maximum logsumexp needs anyway decides the hit: no second pass over [R, V]
+            top = jnp.max(logits, axis=-1)  # [R]
+            lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+        else:
+            lse = jax.nn.logsumexp(logits, axis=-1)  # [R]
+        out = (lse - target_logit,)
         if cached:
-            return None, (ntp, kl_from_cached(xs[2], logits, lse))
-        return None, (ntp, kl_per_position(_logits(xs[2], teacher[1]), logits))
+            out += (kl_from_cached(xs[2], logits, lse),)
+        elif teacher is not None:
+            out += (kl_per_position(_logits(xs[2], teacher[1]), logits),)
+        if hits:
+            out += ((target_logit >= top).astype(jnp.float32),)
+        return None, out
 
-    _, (ntp, kl) = jax.lax.scan(chunk, None, xs)  # [C, R] each
-    ntp = _unsplit(ntp, B, T)[:, :-1]  # [B, T-1]
-    return ntp, (_unsplit(kl, B, T) if teacher is not None else None)
+    _, out = jax.lax.scan(chunk, None, xs)  # [C, R] each
+    out = [_unsplit(x, B, T) for x in out]  # [B, T] each
+    kl = out[1] if teacher is not None else None
+    return out[0][:, :-1], kl, (out[-1][:, :-1] if hits else None)
+
+
+def _hit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """1.0 where the target [R]'s logit is the maximum of its logits [R, V], else 0.0."""
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # [R]
+    return (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
 
 
 def chunked_teacher(
     hidden: jax.Array, unembed: jax.Array, tokens: jax.Array
-) -> tuple[jax.Array, CachedTeacher]:
-    """The frozen model's own NTP [B, T-1] and its CachedTeacher ([B, T, V], [B, T]), computed
-    over chunks of `chunk_rows()` positions (no [B, T, V] logits beside the probabilities)."""
+) -> tuple[jax.Array, jax.Array, CachedTeacher]:
+    """The frozen model's own NTP [B, T-1] and hits [B, T-1] (as `chunked_eval_stats`), and its
+    CachedTeacher ([B, T, V], [B, T]), computed over chunks of `chunk_rows()` positions (no
+    [B, T, V] logits beside the probabilities)."""
     B, T, D = hidden.shape
     split = _splitter(B * T)
 
-    def chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, CachedTeacher]:
+    def chunk(xs: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, CachedTeacher]:
         h_c, t_c = xs  # [R, D], [R]
-        cached, log_probs = cached_teacher(_logits(h_c, unembed))  # [R, V], [R]; [R, V]
-        return -jnp.take_along_axis(log_probs, t_c[:, None], axis=-1)[:, 0], cached
+        logits = _logits(h_c, unembed)  # [R, V]
+        cached, log_probs = cached_teacher(logits)  # [R, V], [R]; [R, V]
+        ntp = -jnp.take_along_axis(log_probs, t_c[:, None], axis=-1)[:, 0]  # [R]
+        return ntp, _hit(logits, t_c), cached
 
-    ntp, cached = jax.lax.map(chunk, (split(hidden), split(jnp.roll(tokens, -1, axis=1))))
-    return _unsplit(ntp, B, T)[:, :-1], jax.tree.map(lambda x: _unsplit(x, B, T), cached)
+    ntp, hit, cached = jax.lax.map(chunk, (split(hidden), split(jnp.roll(tokens, -1, axis=1))))
+    return (
+        _unsplit(ntp, B, T)[:, :-1],
+        _unsplit(hit, B, T)[:, :-1],
+        jax.tree.map(lambda x: _unsplit(x, B, T), cached),
+    )
 
 
 def _logits(hidden: jax.Array, unembed: jax.Array) -> jax.Array:

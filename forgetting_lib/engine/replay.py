@@ -27,7 +27,7 @@ import numpy as np
 from .. import runtime
 from .data import STREAM_REPLAY, STREAM_REUSE, TokenRows, positions_to_rows
 from .losses import ntp_from_hidden
-from .sampling import make_sampler, sample_from_id
+from .sampling import make_sampler, prompt_ids, sample_from_id
 from .sharding import Placement
 
 
@@ -70,7 +70,8 @@ class SelfGeneratedReplay:
 
     graphdef: Any
     params: Any  # the frozen parent (never the model being trained)
-    dataset_token: int  # the parent's dataset-id token: the whole prompt
+    prompt: int | tuple[int, ...]  # the parent's dataset-id token (BOS for a Hugging Face model), or
+    # a prompt of several tokens (a chat template's): every sampled row starts with it
     batch_size: int  # R rows per step
     T: int
     buffer: int
@@ -115,7 +116,8 @@ class SelfGeneratedReplay:
         """Compile the sampler ahead of time for this source's call shape (outside train time)."""
         rows = self.chunks_per_call * self.buffer * self.batch_size
         self.placement.check_rows(rows, "self-generated replay rows per sampler call")
-        prompt = jax.ShapeDtypeStruct((rows, 1), jnp.int32, sharding=self.placement.rows_sharding())
+        shape = (rows, len(prompt_ids(self.prompt)))
+        prompt = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.placement.rows_sharding())
         keys = jax.ShapeDtypeStruct((self.chunks_per_call,), self.key.dtype)  # self._keys(first)
         if self.placement.mesh is not None:
             keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=self.placement.replicated())
@@ -136,10 +138,11 @@ class SelfGeneratedReplay:
         start = time.perf_counter()
         n = math.prod(shape[:3])
         if self.placement.mesh is None:
-            rows = sample_from_id(self._sampler, self.params, self.dataset_token, n, self._keys(first))
+            rows = sample_from_id(self._sampler, self.params, self.prompt, n, self._keys(first))
         else:  # prompts split over the mesh, keys on every device
+            ids = prompt_ids(self.prompt)
             prompt = self.placement.rows(
-                lambda a, b: np.full((b - a, 1), self.dataset_token, np.int32), (n, 1)
+                lambda a, b: np.broadcast_to(ids, (b - a, len(ids))).astype(np.int32), (n, len(ids))
             )
             keys = jax.jit(self._keys, out_shardings=self.placement.replicated())(first)
             rows = self._sampler(self.params, prompt, keys)

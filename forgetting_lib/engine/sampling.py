@@ -28,10 +28,11 @@ rows (used to sample many replay chunks at once).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .model import decode, init_cache, resolve_dtype
@@ -171,13 +172,22 @@ def _grow(cache: list[dict[str, jax.Array]], length: int) -> list[dict[str, jax.
     return [{name: pad(x) for name, x in block.items()} for block in cache]
 
 
+def prompt_ids(prompt: int | Sequence[int]) -> np.ndarray:
+    """A prompt as ids [P] int32: one token (a dataset-id token, or BOS) or a sequence."""
+    ids = np.atleast_1d(np.asarray(prompt, np.int32))
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"a prompt is one token id or a non-empty sequence of them, got {prompt!r}")
+    return ids
+
+
 def sample_from_id(
-    sampler: Sampler, params: nnx.State, dataset_token: int, batch: int, key: jax.Array
+    sampler: Sampler, params: nnx.State, prompt: int | Sequence[int], batch: int, key: jax.Array
 ) -> jax.Array:
-    """Self-generated replay rows [batch, length]: prompt = the dataset-id token alone; `key` is one
-    key, or G keys (G dividing `batch`) for G groups of rows sampled in one call."""
-    prompt = jnp.full((batch, 1), dataset_token, jnp.int32)  # [B, 1]
-    return sampler(params, prompt, key)
+    """Self-generated replay rows [batch, length]: every row's prompt is the dataset-id token alone
+    (or the given token sequence, e.g. a chat template's); `key` is one key, or G keys (G dividing
+    `batch`) for G groups of rows sampled in one call."""
+    ids = prompt_ids(prompt)
+    return sampler(params, jnp.broadcast_to(jnp.asarray(ids), (batch, len(ids))), key)  # [B, P] prompt
 
 
 def _compute_copy(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.State:

@@ -41,9 +41,13 @@ from ..config import ConfigError, MeshConfig
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # batch rows are split over these axes
 # The dimension of each model weight that the "tensor" axis splits (engine/model.py's names):
-# attention heads N of qkv [D, 3, N, H] and out [N, H, D], the MLP width F of up [D, F] and down
-# [F, D], the vocabulary V of unembed [D, V]. Other arrays (embed, LoRA adapters) are not split by it.
-TENSOR_DIMS = {"qkv": 2, "out": 0, "up": 1, "down": 0, "unembed": 1}
+# attention heads N of qkv [D, 3, N, H], q [D, N, H], out [N, H, D] and their biases, key/value
+# heads K of kv [D, 2, K, H], the MLP width F of gate/up [D, F] and down [F, D], the vocabulary V of
+# unembed [D, V]. Other arrays (embed, norm gains, LoRA adapters) are not split by it.
+TENSOR_DIMS = {
+    **{"qkv": 2, "q": 1, "kv": 2, "out": 0, "gate": 1, "up": 1, "down": 0, "unembed": 1},
+    **{"qkv_bias": 1, "q_bias": 0, "kv_bias": 1},
+}
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("forgetting_mesh", default=None)
 
 
@@ -134,7 +138,7 @@ def param_spec(path: tuple[Any, ...], shape: tuple[int, ...], fsdp: int, tensor:
         where = jax.tree_util.keystr(path)
         raise MeshError(
             f"mesh.tensor={tensor} does not divide dimension {tensor_dim} of {where} {shape} (attention "
-            f"heads model.D/model.H, MLP width 4 D, vocabulary model.V); pick a mesh.tensor that divides them"
+            f"heads, key/value heads, MLP width, vocabulary model.V); pick a mesh.tensor that divides them"
         )
     return fsdp_spec(shape, fsdp, tensor_dim)
 

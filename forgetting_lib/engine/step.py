@@ -46,13 +46,16 @@ def lr_schedule(opt: OptConfig, warmup_steps: int, total_steps: int | None) -> o
 def make_optimizer(
     opt: OptConfig, warmup_steps: int, total_steps: int | None
 ) -> optax.GradientTransformation:
-    """AdamW with the run's schedule; no gradient clipping (as in the paper)."""
+    """AdamW with the run's schedule; no gradient clipping (as in the paper). Weight decay applies
+    to matrices only (every parameter of the paper's model; not the norm gains and biases of the
+    Llama family)."""
     return optax.adamw(
         lr_schedule(opt, warmup_steps, total_steps),
         b1=opt.b1,
         b2=opt.b2,
         eps=opt.eps,
         weight_decay=opt.weight_decay,
+        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
     )
 
 

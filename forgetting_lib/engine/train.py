@@ -26,6 +26,7 @@ from . import checkpoint, lora as lora_lib, model as model_lib, replay as replay
 from .assemble import KEY_LORA, Setup, build_setup, compile_all
 from .evaluate import distance, identical, weight_norm
 from .finetune import KEY_MODEL, resolve
+from .multiple_choice import run_suite
 from .step import lr_schedule
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def train_and_evaluate(
             return _finished(out_dir)
         try:
             runs.remove_stale_temporaries(out_dir)
-            setup = build_setup(cfg)  # fails early (naming the file) on missing or unfit data
+            setup = _build(cfg)  # fails early (naming the file) on missing or unfit data
         except Exception:
             if not existed:
                 runs.discard_if_empty(out_dir)  # a refused run leaves no folder behind
@@ -126,7 +127,26 @@ def _follow(
         raise runs.RunFolderError(f"process 0 refused the run folder {out_dir}; its error says why")
     if status == _FINISHED:
         return _finished(out_dir)
-    return _run(build_setup(cfg), out_dir, on_eval)
+    return _run(_build(cfg), out_dir, on_eval)
+
+
+def _build(cfg: config_lib.Config) -> Setup:
+    """`build_setup`, plus the multiple-choice benchmarks of log.mc_evals (read and tokenised
+    once, with the training data's tokenizer and dataset-id token), as setup.compiled["mc"]."""
+    setup = build_setup(cfg)
+    if cfg.log.mc_evals:
+        rows = setup.batcher.main
+        setup.compiled["mc"] = run_suite(
+            cfg.log.mc_evals,
+            cfg.log.mc_limit,
+            rows.sidecar,
+            rows.path,
+            model_lib.make_hidden(setup.graphdef),
+            cfg.data.T,
+            setup.eval_sets["valid"][0].shape[1],  # the evaluation's batch rows
+            setup.placement,
+        )
+    return setup
 
 
 def _run(setup: Setup, out_dir: Path, on_eval: Callable[[dict[str, Any]], None] | None) -> RunResult:
@@ -162,6 +182,11 @@ def _train(
 ) -> RunResult:
     cfg, main = setup.cfg, sharding.is_main_process()
     compile_s = compile_all(setup, params, opt_state)
+    if "mc" in setup.compiled:  # the benchmarks' scorer, for the evaluated (materialised) params
+        start = time.perf_counter()
+        evaluated = jax.eval_shape(setup.compiled["materialize"], params, setup.ctx)
+        setup.compiled["mc"].compile(setup.placement.abstract(evaluated))
+        compile_s += time.perf_counter() - start
     wall_start = time.perf_counter()
     if tracker.step == 0:
         row = _evaluate(setup, params, tracker, {"train_ntp": None, "train_reg": None})
@@ -340,6 +365,8 @@ def _evaluate(setup: Setup, trainable: Any, tracker: Tracker, extra: dict[str, A
     params = setup.compiled["materialize"](trainable, setup.ctx)
     for name in setup.eval_sets:
         row.update({f"{name}_{k}": float(v) for k, v in _eval_set(setup, params, name).items()})
+    if "mc" in setup.compiled:  # log.mc_evals: mc_<name> accuracies, their mean, chance levels
+        row.update(setup.compiled["mc"](params))
     row["weight_norm"] = float(weight_norm(params))
     if setup.parent is not None:
         row["drift"] = float(distance(params, setup.parent.params)) / setup.parent.init_distance

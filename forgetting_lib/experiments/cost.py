@@ -45,7 +45,7 @@ import pandas as pd
 
 from .. import config as config_lib, runs
 from ..config import ConfigError
-from ..engine import data as data_lib, model as model_lib, regularisers
+from ..engine import data as data_lib, finetune, hf, model as model_lib, regularisers
 from ..engine.assemble import total_steps_for
 from ..engine.evaluate import teacher_forms
 from ..engine.finetune import from_parent_config
@@ -213,11 +213,22 @@ def resolved_configs(points: Iterable[Point]) -> list[config_lib.Config]:
     for p in points:
         cfg = p.config()
         link = cfg.model.load_path
-        parent = (by_dir.get(str(Path(link))) or _stored_config(link)) if link else None
-        cfg = with_parent(cfg, parent) if parent is not None else cfg
+        if link and hf.is_hf(link):  # a Hugging Face parent: its config.json where it is at hand
+            cfg = _with_hf_parent(cfg)
+        else:
+            parent = (by_dir.get(str(Path(link))) or _stored_config(link)) if link else None
+            cfg = with_parent(cfg, parent) if parent is not None else cfg
         by_dir[str(p.out_dir)] = cfg
         out.append(cfg)
     return out
+
+
+def _with_hf_parent(cfg: config_lib.Config) -> config_lib.Config:
+    """`cfg` resolved against its local Hugging Face folder; as configured when the folder is not
+    here (a hub id not downloaded yet: the parameter file then states the architecture)."""
+    if not Path(cfg.model.load_path.removeprefix(hf.PREFIX)).is_dir():
+        return cfg
+    return finetune.resolve(cfg)
 
 
 def _stored_config(run_dir: str) -> config_lib.Config | None:

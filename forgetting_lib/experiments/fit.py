@@ -152,6 +152,8 @@ def _mesh(cfg: config_lib.Config) -> Any:
 
 
 def _has_config(run_dir: str) -> bool:
+    if run_dir.startswith(config_lib.HF_PREFIX):  # a Hugging Face folder (or a hub id not fetched)
+        return (Path(run_dir.removeprefix(config_lib.HF_PREFIX)) / "config.json").is_file()
     try:
         runs.read_config(run_dir)
     except (runs.RunFolderError, ConfigError):

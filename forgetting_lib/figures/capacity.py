@@ -87,7 +87,8 @@ def final_losses(pretrain: pd.DataFrame, by: str) -> pd.DataFrame:
     """Per value of `by`, the last evaluation of each pretraining run: tokens, old loss
     (`valid_ntp`), new loss where the run mixed it in (`mix_ntp`), and the parent parameters."""
     last = analysis.final_rows(pretrain)
-    cols = [c for c in ("tokens", "valid_ntp", "mix_ntp", "model.D", "model.L", "model.V") if c in last]
+    wanted = ("tokens", "valid_ntp", "mix_ntp", "model.D", "model.L", "model.H", "model.V")
+    cols = [c for c in wanted if c in last]
     return last.set_index(by)[cols].sort_index()
 
 
@@ -105,7 +106,7 @@ def parent_table(
     rows = []
     for label in sorted(best.index, key=float):
         b, p = best.loc[label], pre.loc[label]
-        n = paper_param_count(ModelConfig(D=int(p["model.D"]), L=int(p["model.L"]), V=int(p["model.V"])))
+        n = paper_param_count(ModelConfig(**{k: int(p[f"model.{k}"]) for k in ("D", "L", "H", "V")}))
         rows.append(
             {
                 axis: float(label),

@@ -10,6 +10,7 @@ from ..experiments.notebooks import run_notebooks
 FIGURES = (
     "1d_regression",
     "method_comp",
+    "instruct",
     "learning_rate",
     "high_lr",
     "toy_continual",

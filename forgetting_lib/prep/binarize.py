@@ -1,11 +1,14 @@
-"""Binarize: stream a corpus through a tokenizer into one flat uint16 token file plus a sidecar.
+"""Binarize: stream a corpus through a tokenizer into one flat token file plus a sidecar.
 
-File format (`name.bin` + `name.json`): the .bin is raw little-endian uint16 token ids, no
-header, every document followed by EOS (the last one may be cut by `max_tokens`). The sidecar
+File format (`name.bin` + `name.json`): the .bin is raw little-endian token ids, no header, every
+document followed by EOS (the last one may be cut by `max_tokens`); ids are uint16 when the
+tokenizer's fit (vocab_size <= 65,536: our SentencePiece tokenizers) and uint32 otherwise (a
+pretrained model's, e.g. Llama 3's 128K), and the sidecar's `dtype` says which. The sidecar also
 holds the dataset id, source corpus, token count and tokenizer fingerprint; the dataset-id token
-itself is not written into the stream (data loading places it). Both files are written under
-temporary names and renamed, the .bin first and the sidecar last, so a .bin without a sidecar
-(or whose size disagrees with it) is an interrupted run: `read_token_file` rejects it.
+(a Hugging Face tokenizer's BOS) is not written into the stream (data loading places it). Both
+files are written under temporary names and renamed, the .bin first and the sidecar last, so a
+.bin without a sidecar (or whose size disagrees with it) is an interrupted run: `read_token_file`
+rejects it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ from ..fileio import is_no_space, no_space_message, remove_temporaries
 from ..progress import Progress
 from . import synthetic
 from .corpora import iter_documents
-from .tokenizer import Tokenizer
+from .hf_tokenizer import HFTokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "forgetting-tokens-v1"
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # sidecar dtype -> file layout
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The sidecar dtype of a token file for a tokenizer of `vocab_size` ids: the smallest that fits."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
 class TokenFileError(ValueError):
@@ -40,7 +50,7 @@ def sidecar_path(path: str | Path) -> Path:
 
 def binarize(
     corpus: str,
-    tokenizer: Tokenizer | str | Path,
+    tokenizer: Tokenizer | HFTokenizer | str | Path,
     out_path: str | Path,
     *,
     dataset_id: int,
@@ -56,9 +66,10 @@ def binarize(
     `numpy.random.default_rng(seed)`: fine for the built-in sample and local files; for large
     streaming `hf:` corpora leave it off and rely on the stream's own shuffle buffer.
     """
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     out_path = Path(out_path)
     _check_arguments(corpus, tok, out_path, dataset_id, max_tokens, batch_documents)
+    dtype = token_dtype(tok.vocab_size)
     docs: Iterable[str] = iter_documents(corpus, seed=seed)
     if shuffle_documents:
         docs = list(docs)
@@ -73,7 +84,9 @@ def binarize(
         tmp_json = out_path.with_name(f"{sidecar_path(out_path).name}.tmp-{os.getpid()}")
         try:
             with open(tmp_bin, "wb") as f, Progress(f"binarize {corpus}", max_tokens, "tok") as progress:
-                num_tokens, num_docs = _write_tokens(docs, tok, f, max_tokens, batch_documents, progress)
+                num_tokens, num_docs = _write_tokens(
+                    docs, tok, f, DTYPES[dtype], max_tokens, batch_documents, progress
+                )
             if num_docs == 0:
                 raise TokenFileError(
                     f"corpus {corpus!r} yielded no documents; nothing to binarize "
@@ -81,7 +94,7 @@ def binarize(
                 )
             sidecar = {
                 "format": FORMAT,
-                "dtype": "uint16",
+                "dtype": dtype,
                 "num_tokens": num_tokens,
                 "num_documents": num_docs,
                 "dataset_id": dataset_id,
@@ -114,7 +127,7 @@ def binarize(
 
 def _check_arguments(
     corpus: str,
-    tok: Tokenizer,
+    tok: Tokenizer | HFTokenizer,
     out_path: Path,
     dataset_id: int,
     max_tokens: int | None,
@@ -128,15 +141,10 @@ def _check_arguments(
         )
     if out_path.suffix != ".bin":
         raise TokenFileError(f"out_path {out_path} must end in .bin (the sidecar is the .json beside it)")
-    if not 0 <= dataset_id < tok.num_dataset_ids:
-        raise TokenFileError(
-            f"dataset_id={dataset_id}: tokenizer {tok.directory} reserves "
-            f"dataset ids 0..{tok.num_dataset_ids - 1}; pick one of those"
-        )
-    if tok.vocab_size > 65536:
-        raise TokenFileError(
-            f"tokenizer {tok.directory} has {tok.vocab_size} pieces; uint16 token files need at most 65,536"
-        )
+    try:
+        tok.dataset_token(dataset_id)  # a SentencePiece tokenizer reserves a few; an HF one takes any
+    except IndexError as err:
+        raise TokenFileError(f"dataset_id={dataset_id}: {err}; pick one of those") from None
     if max_tokens is not None and max_tokens <= 0:
         raise TokenFileError(f"max_tokens={max_tokens} must be positive (or None for no limit)")
     if batch_documents <= 0:
@@ -151,8 +159,9 @@ def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def _write_tokens(
     docs: Iterable[str],
-    tok: Tokenizer,
+    tok: Tokenizer | HFTokenizer,
     f: BinaryIO,
+    dtype: np.dtype,
     max_tokens: int | None,
     batch_documents: int,
     progress: Progress,
@@ -164,7 +173,7 @@ def _write_tokens(
         encoded = tok.encode(batch)
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
         flat = np.fromiter(
-            chain.from_iterable(ids + [eos] for ids in encoded), dtype="<u2", count=int(lengths.sum())
+            chain.from_iterable(ids + [eos] for ids in encoded), dtype=dtype, count=int(lengths.sum())
         )
         if max_tokens is not None and num_tokens + flat.size >= max_tokens:
             room = max_tokens - num_tokens
@@ -182,9 +191,10 @@ def _write_tokens(
 
 
 def read_token_file(path: str | Path, *, expected_fingerprint: str | None = None) -> tuple[np.memmap, dict]:
-    """Open a finished token file read-only: (uint16 memmap of all tokens, sidecar dict).
+    """Open a finished token file read-only: (memmap of all tokens, uint16 or uint32 as the
+    sidecar's dtype says; sidecar dict).
 
-    Rejects a missing or incomplete file (no sidecar, or size != 2 * num_tokens) and, when
+    Rejects a missing or incomplete file (no sidecar, or size != itemsize * num_tokens) and, when
     `expected_fingerprint` is given, a file made with a different tokenizer.
     """
     path, side = Path(path), sidecar_path(path)
@@ -200,17 +210,17 @@ def read_token_file(path: str | Path, *, expected_fingerprint: str | None = None
         meta = json.loads(side.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise TokenFileError(f"sidecar {side} is not valid JSON ({err}); run binarize again") from None
-    if meta.get("format") != FORMAT or meta.get("dtype") != "uint16":
+    if meta.get("format") != FORMAT or meta.get("dtype") not in DTYPES:
         raise TokenFileError(
             f"{side}: format {meta.get('format')!r}/{meta.get('dtype')!r}, expected "
-            f"{FORMAT!r}/'uint16'; run binarize again"
+            f"{FORMAT!r}/one of {', '.join(map(repr, DTYPES))}; run binarize again"
         )
-    size = path.stat().st_size
-    if size != 2 * meta["num_tokens"]:
+    dtype, size = DTYPES[meta["dtype"]], path.stat().st_size
+    if size != dtype.itemsize * meta["num_tokens"]:
         raise TokenFileError(
-            f"token file {path} has {size} bytes but {side} says "
-            f"{meta['num_tokens']} tokens ({2 * meta['num_tokens']} bytes): it is "
-            "incomplete or from another run; run binarize again"
+            f"token file {path} has {size} bytes but {side} says {meta['num_tokens']} tokens of "
+            f"{meta['dtype']} ({dtype.itemsize * meta['num_tokens']} bytes): it is incomplete or "
+            "from another run; run binarize again"
         )
     if expected_fingerprint is not None and meta["tokenizer_fingerprint"] != expected_fingerprint:
         raise TokenFileError(
@@ -218,13 +228,13 @@ def read_token_file(path: str | Path, *, expected_fingerprint: str | None = None
             f"({meta.get('tokenizer_dir')}) but tokenizer {expected_fingerprint[:12]}… is in use; "
             "re-binarize it with the right tokenizer (python -m forgetting_lib binarize --tokenizer ...)"
         )
-    tokens = np.memmap(path, dtype="<u2", mode="r", shape=(meta["num_tokens"],))
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(meta["num_tokens"],))
     return tokens, meta
 
 
 def binarize_or_reuse(
     corpus: str,
-    tokenizer: Tokenizer | str | Path,
+    tokenizer: Tokenizer | HFTokenizer | str | Path,
     out_path: str | Path,
     *,
     dataset_id: int,
@@ -233,7 +243,7 @@ def binarize_or_reuse(
     """The sidecar of `out_path` if it is a finished token file of `corpus` (same dataset id,
     token limit and tokenizer), else `binarize` it afresh (notebooks and the quickstart call this,
     so rerunning them reuses the work)."""
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     try:
         _, meta = read_token_file(out_path, expected_fingerprint=tok.fingerprint)
         if (meta["corpus"], meta["dataset_id"], meta["max_tokens"]) == (corpus, dataset_id, max_tokens):

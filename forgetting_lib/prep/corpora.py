@@ -12,7 +12,13 @@ Specs:
   Hugging Face `datasets` streaming, shuffled with a buffer (`shuffle_buffer=0` keeps the order).
   (`datasets` pauses 5 s when a parquet stream ends: its workaround for apache/arrow#45214.)
 - `files:<glob>` — local files in sorted order: `.txt` (one document per blank-line-separated
-  block), `.jsonl` and `.parquet` (one document per row, from the `text` field). `seed` unused.
+  block), `.jsonl` and `.parquet` (one document per row, from the `text` field), and source code
+  or markup (`WHOLE_FILE_SUFFIXES`: .py, .c, .rs, .md, .tex, ...; one document per file, as
+  written but with LF line ends; files with no text skipped), e.g.
+  `files:/usr/lib/python3.11/**/*.py` for a local code corpus; `{python_stdlib}` in the glob
+  stands for the running interpreter's standard library folder (`files:{python_stdlib}/*.py`, the
+  same corpus on any machine with that Python). Text is UTF-8 (an error names the first byte
+  that is not). `seed` unused.
 - `synthetic:<old|new>[?seed=..&words=..&...]` — two related generated languages with unlimited
   fresh text and a known entropy rate (`synthetic.py`); `seed` picks the stream.
 """
@@ -26,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import zlib
 from itertools import chain
@@ -38,9 +45,17 @@ import numpy as np
 from . import synthetic
 
 PREFIXES = ("sample:", "hf:", "files:", "synthetic:")
+STDLIB_PLACEHOLDER = "{python_stdlib}"  # in a files: glob, the running Python's standard library folder
 SAMPLE_PACKAGES = {"en": ("sword-text-kjv", "engKJV2006eb"), "es": ("sword-text-sparv", "spaRV1909eb")}
 SAMPLE_CACHE_VERSION = "sample-v1"  # bump when the extraction below changes
 HF_KEYS = {"split": "train", "text_field": "text", "data_files": None, "shuffle_buffer": "10000"}
+# files: suffixes read as one document per file (source code and markup, whose blank lines are
+# part of a document rather than between documents)
+WHOLE_FILE_SUFFIXES = (
+    *(".py", ".c", ".h", ".cpp", ".rs", ".go", ".java", ".js", ".ts"),
+    *(".v", ".sv", ".vh"),  # Verilog / SystemVerilog
+    *(".md", ".rst", ".tex"),
+)
 
 
 class CorpusError(ValueError):
@@ -266,19 +281,17 @@ def _iter_hf(spec: str, seed: int) -> Iterator[str]:
     return rows()
 
 
-# ----- files: local .txt / .jsonl / .parquet -----
+# ----- files: local .txt / .jsonl / .parquet / whole files -----
 
 
 def _iter_files(pattern: str) -> Iterator[str]:
     """Check the glob and the file types now; read the files lazily."""
-    paths = [
-        Path(p)
-        for p in sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))
-        if os.path.isfile(p)
-    ]
+    expanded = os.path.expanduser(pattern.replace(STDLIB_PLACEHOLDER, sysconfig.get_paths()["stdlib"]))
+    paths = [Path(p) for p in sorted(globlib.glob(expanded, recursive=True)) if os.path.isfile(p)]
     if not paths:
         raise CorpusError(f"corpus files:{pattern} matches no files; check the glob (quote it in a shell)")
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    readers |= {suffix: _read_whole for suffix in WHOLE_FILE_SUFFIXES}
     for path in paths:
         if path.suffix not in readers:
             raise CorpusError(f"corpus files:{pattern}: cannot read {path}; supported: {', '.join(readers)}")
@@ -328,6 +341,13 @@ def _read_txt(path: Path) -> Iterator[str]:
             block = []
     if block:
         yield "\n".join(block)
+
+
+def _read_whole(path: Path) -> Iterator[str]:
+    """The whole file as one document (line ends read as LF), unless it holds only whitespace."""
+    text = "".join(_lines(path))
+    if text.strip():
+        yield text
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:

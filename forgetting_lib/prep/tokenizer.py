@@ -12,6 +12,12 @@ surrogates are not valid Unicode (they cannot be UTF-8 encoded) and are rejected
 
 A tokenizer folder holds `tokenizer.model` and `tokenizer.json` (the card: ids, training
 corpora, and `fingerprint`, the sha256 of the model file, which token files record).
+
+`load_tokenizer` opens either this kind of folder or a Hugging Face one (a pretrained model's
+`tokenizer.json` in the `tokenizers` format: `hf_tokenizer.HFTokenizer`, the same interface),
+telling them apart by the content of `tokenizer.json`. `write_hf_tokenizer` puts a tokenizer of
+either kind into an exported model folder as a Hugging Face one (this kind converted by `sp_to_hf`,
+with the same ids).
 """
 
 from __future__ import annotations
@@ -28,16 +34,94 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from ..fileio import atomic_write_bytes
+from . import sp_to_hf
 from .corpora import iter_documents
+from .hf_tokenizer import (
+    HF_CONFIG_FILE,
+    HF_TOKENIZER_FILE,
+    HF_TOKENIZER_FILES,
+    HFTokenizer,
+    is_hf_tokenizer_dir,
+)
+from .tokenizer_error import TokenizerError
 
 MODEL_FILE, CARD_FILE = "tokenizer.model", "tokenizer.json"
 CARD_FORMAT = "forgetting-tokenizer-v1"
-MAX_VOCAB_SIZE = 65535  # token files store ids as uint16
+MAX_VOCAB_SIZE = 65535  # ids fit uint16: token files of ours take 2 bytes a token
 UNK_ID, EOS_ID = 0, 1
 
 
-class TokenizerError(ValueError):
-    """A tokenizer folder is missing, incomplete or inconsistent, or training input is bad."""
+def load_tokenizer(directory: str | Path) -> "Tokenizer | HFTokenizer":
+    """Open a tokenizer folder: a Hugging Face one (see `is_hf_tokenizer_dir`) as an HFTokenizer,
+    else one of ours as a (SentencePiece) Tokenizer. Both offer what binarize and the engine use."""
+    if is_hf_tokenizer_dir(directory):
+        return HFTokenizer.load(directory)
+    return Tokenizer.load_sentencepiece(directory)
+
+
+def write_hf_tokenizer(tok: "Tokenizer | HFTokenizer", out_dir: str | Path) -> HFTokenizer:
+    """Put `tok` into `out_dir` (an exported model folder) as a Hugging Face tokenizer: one of ours
+    converted (`to_hf_tokenizer_json`), a Hugging Face one copied (its tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json, chat_template.jinja). Each file is written
+    atomically, and those of the four it does not write are removed (a previous tokenizer's);
+    nothing else in `out_dir` is touched. Returns the written folder loaded."""
+    if isinstance(tok, Tokenizer):
+        return to_hf_tokenizer_json(tok, out_dir)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() != tok.directory.resolve():
+        names = [name for name in HF_TOKENIZER_FILES if (tok.directory / name).is_file()]
+        _replace_hf_tokenizer_files(out_dir, {name: (tok.directory / name).read_bytes() for name in names})
+    return HFTokenizer.load(out_dir)
+
+
+def to_hf_tokenizer_json(tok: "Tokenizer", out_dir: str | Path) -> HFTokenizer:
+    """Write our tokenizer `tok` into `out_dir` as a Hugging Face one with the same ids (see
+    `sp_to_hf`): tokenizer.json and tokenizer_config.json (EOS `</s>`, unk `<unk>`, no BOS, the
+    dataset-id tokens, the source fingerprint), each atomically, nothing else. `out_dir` may be
+    (or become) a model folder; one of our tokenizer folders is refused (its card is also called
+    tokenizer.json). Returns the written folder loaded."""
+    out_dir = Path(out_dir)
+    hf, config = sp_to_hf.convert(
+        tok.directory / MODEL_FILE,
+        dataset_id_tokens=[tok.piece(tok.dataset_token(i)) for i in range(tok.num_dataset_ids)],
+        fingerprint=tok.fingerprint,
+    )
+    files = {
+        HF_TOKENIZER_FILE: hf.to_str(pretty=True) + "\n",
+        HF_CONFIG_FILE: json.dumps(config, indent=2) + "\n",
+    }
+    _replace_hf_tokenizer_files(out_dir, {name: text.encode("utf-8") for name, text in files.items()})
+    return HFTokenizer.load(out_dir)
+
+
+def _replace_hf_tokenizer_files(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name -> content, names from HF_TOKENIZER_FILES) into `out_dir` atomically,
+    tokenizer.json first, and remove the other HF_TOKENIZER_FILES there; refuse one of our
+    tokenizer folders (its card is also called tokenizer.json)."""
+    _check_not_ours(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in HF_TOKENIZER_FILES:
+        if name in files:
+            atomic_write_bytes(out_dir / name, files[name])
+        else:
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def _check_not_ours(out_dir: Path) -> None:
+    """Refuse to write Hugging Face files into one of our tokenizer folders."""
+    card = out_dir / CARD_FILE
+    ours = (out_dir / MODEL_FILE).exists() and not is_hf_tokenizer_dir(out_dir)
+    if not ours and card.is_file() and card.stat().st_size < 1 << 20:
+        try:
+            ours = json.loads(card.read_text(encoding="utf-8")).get("format") == CARD_FORMAT
+        except (ValueError, AttributeError):  # not JSON, or not an object: not a card
+            pass
+    if ours:
+        raise TokenizerError(
+            f"{out_dir} holds a tokenizer of ours, whose card {CARD_FILE} would be overwritten; "
+            "write the Hugging Face tokenizer into another folder (e.g. the exported model's)"
+        )
 
 
 def dataset_token_piece(i: int) -> str:
@@ -65,8 +149,8 @@ def train_tokenizer(
     """
     if not 0 < vocab_size <= MAX_VOCAB_SIZE:
         raise TokenizerError(
-            f"vocab_size={vocab_size}: token files store ids as uint16, so it must be "
-            f"between 1 and {MAX_VOCAB_SIZE}"
+            f"vocab_size={vocab_size}: must be between 1 and {MAX_VOCAB_SIZE} (trained "
+            "tokenizers keep ids within uint16, so their token files take 2 bytes a token)"
         )
     if not corpora:
         raise TokenizerError("train_tokenizer needs at least one corpus (e.g. sample:en)")
@@ -100,21 +184,19 @@ def train_tokenizer(
         _swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Tokenizer.load(out_dir)
+    return Tokenizer.load_sentencepiece(out_dir)
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to overwrite a folder that is not a tokenizer folder (it may hold other work)."""
-    if (
-        out_dir.exists()
-        and any(out_dir.iterdir())
-        and not (out_dir / CARD_FILE).exists()
-        and not (out_dir / MODEL_FILE).exists()
-    ):
-        raise TokenizerError(
-            f"{out_dir} exists and is not a tokenizer folder; pick a new --out "
-            "folder (an existing tokenizer folder would be replaced)"
-        )
+    """Refuse to overwrite a folder that is not one of our tokenizer folders (it may hold other
+    work, e.g. a Hugging Face model folder, whose tokenizer.json is no card of ours)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        ours = (out_dir / CARD_FILE).exists() or (out_dir / MODEL_FILE).exists()
+        if not ours or is_hf_tokenizer_dir(out_dir):
+            raise TokenizerError(
+                f"{out_dir} exists and is not a tokenizer folder of ours; pick a new --out "
+                "folder (an existing tokenizer folder trained here would be replaced)"
+            )
 
 
 def _sample_sentences(
@@ -198,8 +280,15 @@ class Tokenizer:
         self.num_threads = os.cpu_count() or 1
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
-        """Load `directory`, checking the model file against the card's fingerprint."""
+    def load(cls, directory: str | Path) -> "Tokenizer | HFTokenizer":
+        """Load `directory` as `load_tokenizer` does: a Hugging Face folder gives an HFTokenizer
+        (kept so that callers written before those folders read them too)."""
+        return load_tokenizer(directory)
+
+    @classmethod
+    def load_sentencepiece(cls, directory: str | Path) -> "Tokenizer":
+        """Load our tokenizer folder `directory`, checking the model file against the card's
+        fingerprint."""
         directory = Path(directory)
         model, card_path = directory / MODEL_FILE, directory / CARD_FILE
         for path in (directory, model, card_path):
@@ -243,6 +332,12 @@ class Tokenizer:
         return self._sp.eos_id()
 
     @property
+    def bos_id(self) -> None:
+        """None: this tokenizer has no BOS; rows start with a dataset-id token instead (an
+        HFTokenizer's `bos_id` is its model's BOS)."""
+        return None
+
+    @property
     def fingerprint(self) -> str:
         """sha256 of the model file; token files record it."""
         return self.card["fingerprint"]
@@ -257,7 +352,7 @@ class Tokenizer:
         if not 0 <= i < self.num_dataset_ids:
             raise IndexError(
                 f"dataset id {i} is out of range: tokenizer {self.directory} reserves "
-                f"ids 0..{self.num_dataset_ids - 1} (train with more num_dataset_ids)"
+                f"dataset ids 0..{self.num_dataset_ids - 1} (train with more num_dataset_ids)"
             )
         return self.card["dataset_id_token_ids"][i]
 
@@ -310,7 +405,7 @@ def train_or_load(
     """The tokenizer in `out_dir` if it was trained on `corpora` with these settings, else a new
     one trained there (what notebooks and the quickstart call: rerunning reuses the work)."""
     try:
-        tok = Tokenizer.load(out_dir)
+        tok = Tokenizer.load_sentencepiece(out_dir)
         card = tok.card
         if (card["corpora"], tok.vocab_size, card["chars_per_corpus"], card.get("byte_fallback", True)) == (
             list(corpora),
