@@ -76,7 +76,10 @@ class ModelConfig:
     rope_high_freq: float = 4.0  # below original_len / high_freq kept, a smooth blend between
     rope_original_len: int = 8192  # the context length the RoPE scaling was designed around
     window: int = 0  # sliding-window attention: a query sees this many positions (0 = all, causal)
-    param_dtype: str = "float32"  # float32 | bfloat16: parameters (and AdamW moments) stored in it
+    param_dtype: str = "float32"  # float32 | bfloat16: parameters and AdamW moments stored in it.
+    # bfloat16 has no float32 master copy: an update below ~1/256 of a weight rounds away (at LR
+    # 1e-5 most weights of a pretrained model would never move); for memory, keep float32 here and
+    # set dtype: bfloat16 (activations), or use LoRA
     dtype: str = "auto"  # activation dtype: auto | float32 | bfloat16
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
     load_path: str = ""  # parent to finetune from ('' = train from scratch): a run folder, or
@@ -419,7 +422,18 @@ def validate(cfg: Config) -> None:
         "model.kv_heads",
         f"model.kv_heads={kv_heads} must divide the {heads} attention heads (model.heads)",
     )
-    _check(m.F >= 0 and m.window >= 0, "model.F", "model.F and model.window must be >= 0")
+    _check(m.F >= 0, "model.F", f"model.F={m.F} must be >= 0 (0 = 4 D)")
+    _check(m.window >= 0, "model.window", f"model.window={m.window} must be >= 0 (0 = no window)")
+    _check(
+        m.norm_eps > 0 and m.rope_theta > 0 and m.rope_factor > 0,
+        "model.rope_theta",
+        "model.norm_eps, model.rope_theta and model.rope_factor must be > 0",
+    )
+    _check(
+        m.rope_factor == 1 or (m.rope_high_freq > m.rope_low_freq > 0 and m.rope_original_len > 0),
+        "model.rope_high_freq",
+        "Llama 3 RoPE scaling needs model.rope_high_freq > model.rope_low_freq > 0 and rope_original_len > 0",
+    )
     _check(m.mlp in ("gelu", "swiglu"), "model.mlp", f"model.mlp={m.mlp!r} must be gelu or swiglu")
     _check(
         m.param_dtype in ("float32", "bfloat16"),
@@ -517,6 +531,16 @@ def _validate_finetuning(cfg: Config) -> None:
         r.method in REGULARISERS,
         "reg.method",
         f"reg.method={r.method!r} must be one of {', '.join(REGULARISERS)}",
+    )
+    _check(
+        not cfg.data.old_path or bool(cfg.model.load_path),
+        "data.old_path",
+        "data.old_path names the old data of a finetune's parent: set model.load_path, or remove it",
+    )
+    _check(
+        r.prompt == "id" or r.synth,
+        "reg.prompt",
+        "reg.prompt=chat prompts self-generated rows: it needs reg.synth=true",
     )
     _check(
         not REGULARISERS[r.method].needs_parent or bool(cfg.model.load_path),

@@ -160,7 +160,16 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return config_lib.paths_resolved_from(raw, run_dir)
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
+    """Whether two stored path values name the same thing (`hf:` folders compared as paths, hub
+    ids as written)."""
+    hf = config_lib.HF_PREFIX
+    if a and b and a.startswith(hf) and b.startswith(hf):
+        a, b = a[len(hf) :], b[len(hf) :]
+        if not (os.path.isdir(a) or os.path.isdir(b)):
+            return a == b
+    elif a and b and (a.startswith(hf) or b.startswith(hf)):
+        return False
     return os.path.abspath(a) == os.path.abspath(b) if a and b else a == b
 
 
@@ -266,7 +275,7 @@ def prepare_run_dir(
         for k in new.keys() | old.keys()
         if k not in config_lib.NEUTRAL_KEYS
         and not k.startswith(config_lib.NEUTRAL_SECTIONS)
-        and not (_same_path(new.get(k), old.get(k)) if k in paths else new.get(k) == old.get(k))
+        and not (same_path(new.get(k), old.get(k)) if k in paths else new.get(k) == old.get(k))
     )
     if differ:
         details = "; ".join(f"{k} was {old.get(k)!r}, now {new.get(k)!r}" for k in differ[:4])

@@ -126,6 +126,37 @@ def crash_and_resume(
     return {"checkpoint_step": meta["tracker"]["step"], "status": result.status, "losses": losses(out)}
 
 
+HF_FIXTURE = Path(__file__).parent / "hf_fixtures" / "llama3"  # GQA, tied embeddings, RoPE scaling
+
+
+def hf_runs(root: Path, mesh: dict[str, int]) -> dict[str, Any]:
+    """A Hugging Face parent finetuned with self-generated KL replay prompted by its chat template
+    (a prompt of several tokens), on one device and on `mesh`."""
+    from forgetting_lib.prep.binarize import binarize
+
+    paths = {name: root / f"hf_{name}.bin" for name in ("old", "new")}
+    for name, corpus in (("old", "json/*.py"), ("new", "csv.py")):
+        binarize(f"files:{{python_stdlib}}/{corpus}", HF_FIXTURE, paths[name], dataset_id=0, max_tokens=20000)
+    raw = {
+        "model": {"load_path": f"hf:{HF_FIXTURE}", "dtype": "float32"},
+        "data": {"path": str(paths["new"]), "old_path": str(paths["old"]), "T": 32, "batch_size": 8},
+        "opt": {"lr": 3e-3, "warmup_tokens": 0},
+        "reg": {"method": "kl_pre", "coeff": 1.0, "synth": True, "replay_batch_size": 4, "buffer": 2},
+        "stop": {"num_tokens_train": 12 * 8 * 32},
+        "log": {"every_tokens": 4 * 8 * 32, "progress": False},
+    }
+    raw["data"].update(valid_tokens=8 * 32, microbatch_rows=8)
+    for name, m in (("1", {}), ("mesh", mesh)):
+        overrides = [("reg.prompt", "chat"), *((f"mesh.{k}", v) for k, v in m.items())]
+        train.train_and_evaluate(config_lib.from_dict(raw, overrides), root / f"hf_{name}")
+    return {
+        "diff": max_abs_diff(losses(root / "hf_mesh"), losses(root / "hf_1")),
+        "replay_rows_equal": bool(
+            np.array_equal(runs.read_replay_rows(root / "hf_mesh"), runs.read_replay_rows(root / "hf_1"))
+        ),
+    }
+
+
 def mesh_mode(root: Path) -> dict[str, Any]:
     old, new = data(root)
     world = ff.World(root / "parent_1", old, new)
@@ -152,6 +183,7 @@ def mesh_mode(root: Path) -> dict[str, Any]:
     one, eight = parent_config(old, {}), parent_config(old, {"fsdp": 8})
     fits = [aot.step_report(c, placement=Placement(make_mesh(c.mesh))) for c in (one, eight)]
     report["fit"] = {k: [f[k] for f in fits] for k in ("step_bytes", "flops_per_step")}
+    report["hf"] = hf_runs(root, tensor)
     resumed = crash_and_resume(old, root, {"fsdp": 8}, mesh)
     report["resume"] = {
         **resumed,

@@ -127,6 +127,10 @@ def test_accepted_coercions():
         ({"model.mlp": "relu"}, "model.mlp"),
         ({"model.param_dtype": "float16"}, "model.param_dtype"),
         ({"reg.prompt": "text"}, "reg.prompt"),
+        ({"reg.prompt": "chat"}, "reg.prompt"),  # without reg.synth: nothing is sampled
+        ({"data.old_path": "old.bin"}, "data.old_path"),  # no parent
+        ({"model.rope_theta": 0.0}, "model.rope_theta"),
+        ({"model.rope_factor": 8.0, "model.rope_low_freq": 4.0}, "model.rope_high_freq"),
         ({"model.dtype": "float16"}, "model.dtype"),
         ({"opt.schedule": "linear"}, "opt.schedule"),
         ({"opt.lr": 0.0}, "opt.lr"),

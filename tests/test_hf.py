@@ -131,9 +131,10 @@ def test_our_architectures_round_trip(kind, tmp_path):
         assert arch["norm_gain"] and not cfg.norm_gain
 
 
-def test_gelu_without_qk_norm_has_no_export_format():
-    with pytest.raises(hf.HFModelError, match="no Hugging Face equivalent"):
-        hf_export.export_kind(ModelConfig(qk_norm=False))
+def test_architectures_without_an_export_format_are_refused():
+    for changes in ({"qk_norm": False}, {"qkv_bias": True}, {"window": 16}):
+        with pytest.raises(hf.HFModelError, match="no Hugging Face equivalent"):
+            hf_export.export_kind(ModelConfig(**changes))
 
 
 def test_sliding_window_limits_attention():

@@ -173,12 +173,16 @@ def test_a_finetuned_hf_model_exports_and_returns(swept, tmp_path):
         np.load(out / "reference_logits.npy"),
         atol=1e-5,
     )
+    tokens_file = Path(cfg.parent.data_path)  # the HF parent's old data: not the run's own data
     made = hf.provenance(out)
     assert made["parent"]["final_valid_ntp"] == runs.read_summary(run_dir)["final"]["valid_ntp"]
     raw = finetune_config({"new": cfg.data.path, "old": ""}, **{"model.load_path": f"hf:{out}"})
     again = finetune.resolve(config_lib.load(raw))
     assert Path(again.parent.data_path).resolve() == Path(cfg.data.path).resolve()
     assert again.parent.final_valid_ntp == made["parent"]["final_valid_ntp"]
+    # other old data: the parent's final loss is on other rows, so forgetting is read from step 0
+    other = finetune.resolve(config_lib.load({**raw, "data": {**raw["data"], "old_path": str(tokens_file)}}))
+    assert other.parent.data_path == str(tokens_file) and other.parent.final_valid_ntp is None
 
 
 def test_a_hf_parent_clash_names_the_key(data):
@@ -187,10 +191,15 @@ def test_a_hf_parent_clash_names_the_key(data):
         finetune.resolve(cfg)
 
 
-def test_bf16_parameters_train(data, tmp_path):
+def test_bf16_parameters_train(swept, data, tmp_path):
     cfg = config_lib.load(finetune_config(data, **{"stop.num_tokens_train": 2 * B * T}))
     cfg = cfg.replace({"model.param_dtype": "bfloat16", "log.checkpoint_every_tokens": None})
     result = train_and_evaluate(cfg, tmp_path / "bf16")
     assert result.status == "finished"
     _, _, params = finetune.load_run(tmp_path / "bf16")
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    # a bf16 finetune of a float32 run parent (and back): the parent is read in its own dtype
+    child = cfg.replace({"model.load_path": str(_point_dir(swept, "standard")), "data.old_path": ""})
+    assert train_and_evaluate(child, tmp_path / "bf16_child").status == "finished"
+    back = child.replace({"model.load_path": str(tmp_path / "bf16"), "model.param_dtype": "float32"})
+    assert train_and_evaluate(back, tmp_path / "f32_child").status == "finished"

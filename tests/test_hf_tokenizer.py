@@ -251,6 +251,13 @@ def test_export_gives_identical_ids_on_the_whole_sample(sample_tokenizer, sample
     config = json.loads((tmp_path / "export/tokenizer_config.json").read_text())
     assert (config["eos_token"], config["unk_token"], config["bos_token"]) == ("</s>", "<unk>", None)
     assert config["forgetting_source_fingerprint"] == sample_tokenizer.fingerprint
+    # it keeps the SentencePiece fingerprint (token files of either serve both) only while its
+    # tokenizer.json is the converted one: an edited copy is another tokenizer
+    assert hf.fingerprint == sample_tokenizer.fingerprint
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "export", edited)
+    (edited / "tokenizer.json").write_text((edited / "tokenizer.json").read_text() + "\n")
+    assert load_tokenizer(edited).fingerprint != sample_tokenizer.fingerprint
 
 
 def test_export_gives_identical_ids_on_arbitrary_text(small_tokenizer, sample_tokenizer, tmp_path):

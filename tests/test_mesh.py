@@ -50,6 +50,11 @@ def test_mesh_runs_match_one_device(mesh_report):
         assert mesh_report[f"{run}_tensor_diff"] <= TOLERANCE, (run, mesh_report)
     # the sampler split over the mesh draws exactly the one-device rows
     assert mesh_report["replay_rows_equal"]
+    # a Hugging Face parent (GQA, tied embeddings) on data 2 x fsdp 2 x tensor 2, its replay rows
+    # prompted by its chat template
+    assert mesh_report["hf"]["diff"] <= TOLERANCE and mesh_report["hf"]["replay_rows_equal"], mesh_report[
+        "hf"
+    ]
 
 
 @pytest.mark.slow

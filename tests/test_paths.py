@@ -156,6 +156,10 @@ def test_hf_load_paths_are_stored_relative_when_local_and_as_given_when_hub_ids(
     back = config.paths_resolved_from(stored, os.path.join("..", "runs", "child"))
     assert back["model"]["load_path"] == "hf:" + os.path.join("..", "models", "tiny")
     assert os.path.isdir(back["model"]["load_path"].removeprefix("hf:"))
+    # a resumed run compares its stored load_path with the given one (runs.same_path)
+    assert runs.same_path(back["model"]["load_path"], "hf:" + str(tmp_path / "models" / "tiny"))
+    assert runs.same_path("hf:owner/name", "hf:owner/name") and not runs.same_path("hf:owner/a", "hf:owner/b")
+    assert not runs.same_path("hf:tiny", "tiny")
     hub = {"model": {"load_path": "hf:meta-llama/Llama-3.2-1B"}}
     assert config.paths_relative_to(hub, "runs/child")["model"]["load_path"] == "hf:meta-llama/Llama-3.2-1B"
     assert config.paths_resolved_from({**hub, config.WRITTEN_AT: str(tmp_path)}, "x")["model"] == hub["model"]

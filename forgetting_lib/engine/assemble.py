@@ -220,6 +220,11 @@ def _attach_parent(setup: Setup, eval_rows: int) -> None:
                 f"and its data {p.data_path} is gone: cannot prompt the sampler"
             )
         prompt = token if r.prompt == "id" else chat_prompt(main_rows_tokenizer(cfg))
+        if r.prompt == "chat" and len(prompt) >= cfg.data.T:
+            raise data_lib.DataError(
+                f"reg.prompt=chat: the chat prompt is {len(prompt)} tokens, data.T={cfg.data.T} leaves "
+                f"nothing to sample; raise data.T or use reg.prompt=id"
+            )
         setup.replay = replay_lib.SelfGeneratedReplay(
             setup.graphdef,
             setup.parent.params,

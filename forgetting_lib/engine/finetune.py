@@ -55,7 +55,7 @@ def resolve(cfg: config_lib.Config) -> config_lib.Config:
             f"T={parent.data.T}; set data.T={parent.data.T} (old-data rows are cut "
             f"with the parent's T)"
         )
-    return cfg.replace({**parent_fields(parent, summary), **_old_path(cfg)})
+    return cfg.replace({**parent_fields(parent, summary), **_old_path(cfg, parent.data.path)})
 
 
 def parent_fields(parent: config_lib.Config, summary: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +70,12 @@ def parent_fields(parent: config_lib.Config, summary: dict[str, Any]) -> dict[st
     }
 
 
-def _old_path(cfg: config_lib.Config) -> dict[str, Any]:
-    return {"parent.data_path": cfg.data.old_path} if cfg.data.old_path else {}
+def _old_path(cfg: config_lib.Config, parent_data: str = "") -> dict[str, Any]:
+    """`data.old_path` in place of the parent's own data; the parent's final loss is then on other
+    rows, so forgetting is read from this run's step-0 evaluation (`final_valid_ntp` None)."""
+    if not cfg.data.old_path or (parent_data and runs.same_path(cfg.data.old_path, parent_data)):
+        return {}
+    return {"parent.data_path": cfg.data.old_path, "parent.final_valid_ntp": None}
 
 
 def _check_architecture(cfg: config_lib.Config, parent: config_lib.ModelConfig, where: str) -> None:
@@ -123,7 +127,8 @@ def _resolve_hf(cfg: config_lib.Config) -> config_lib.Config:
             "parent.dataset_token": tok.bos_id,
             "parent.tokenizer_fingerprint": tok.fingerprint,
         }
-    return cfg.replace({**{f"model.{k}": v for k, v in arch.items()}, **fields, **_old_path(cfg)})
+    old = _old_path(cfg, fields["parent.data_path"])
+    return cfg.replace({**{f"model.{k}": v for k, v in arch.items()}, **fields, **old})
 
 
 def from_parent_config(parent: config_lib.Config) -> dict[str, Any]:
@@ -163,15 +168,17 @@ def load_parent(cfg: config_lib.Config, placement: Placement | None = None) -> P
         params = hf.load_params(path, cfg.model)
     else:
         path = Path(cfg.model.load_path)
-        _, abstract = model_lib.abstract_params(cfg.model)
+        stored_dtype = runs.read_config(path)["model"].get("param_dtype", "float32")  # may differ
+        _, abstract = model_lib.abstract_params(dataclasses.replace(cfg.model, param_dtype=stored_dtype))
         stored, _ = checkpoint.load(path / runs.CHECKPOINT, {"params": abstract})
-        params = jax.device_put(stored["params"])
+        params = model_lib.to_param_dtype(cfg.model, jax.device_put(stored["params"]))
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(np.float32), tree)  # noqa: E731
     if cfg.parent.seed >= 0:
         key = jax.random.fold_in(jax.random.key(cfg.parent.seed), KEY_MODEL)
         init = model_lib.init_model(cfg.model, key=key)[1]
-        distance = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, params, init)))
+        distance = float(optax.tree.norm(jax.tree.map(lambda a, b: a - b, f32(params), f32(init))))
     else:  # an imported model's init is unknown: drift is measured relative to ||pi||
-        distance = float(optax.tree.norm(params))
+        distance = float(optax.tree.norm(f32(params)))
     if placement is not None and placement.mesh is not None:
         params = placement.put(jax.device_get(params))
     return Parent(path=path, params=params, init_distance=distance)

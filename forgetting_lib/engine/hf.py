@@ -8,7 +8,7 @@ by `huggingface_hub` into its cache first (network needed); a local folder needs
 
 Families read (config.json `model_type`):
     llama    Llama 2/3.x (grouped-query attention, RoPE scaling "llama3", tied or untied), SmolLM2
-    mistral  Mistral-style (a sliding window becomes model.window: T must fit inside it)
+    mistral  Mistral-style (a sliding window becomes model.window)
     qwen2    Qwen2/2.5: biases on q, k, v
     qwen3    Qwen3: RMSNorm of queries and keys per head
     apertus  QK-norm and a non-gated MLP (tanh-GELU only): the format our own models export to
@@ -124,6 +124,8 @@ def read_architecture(folder: Path) -> dict[str, Any]:
     else:
         mlp = "swiglu"
     window = c.get("sliding_window") if c.get("use_sliding_window", kind == "mistral") else None
+    if window and kind != "mistral":  # Qwen windows only the layers from max_window_layers on
+        raise HFModelError(f"{path}: per-layer sliding windows (use_sliding_window) are not supported")
     return {
         "D": D,
         "L": need("num_hidden_layers"),

@@ -82,6 +82,11 @@ def flatten(params: Any) -> Weights:
 def export_kind(cfg: ModelConfig) -> str:
     """The `model_type` a run of this architecture is written as."""
     if cfg.mlp == "gelu":
+        if cfg.qkv_bias or cfg.window:
+            raise HFModelError(
+                "a GELU model with q/k/v biases or a sliding window has no Hugging Face equivalent "
+                "here (Apertus has neither)"
+            )
         if not cfg.qk_norm:
             raise HFModelError(
                 "a GELU model without QK-norm has no Hugging Face equivalent here "
@@ -131,7 +136,10 @@ def hf_config(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None, max_l
         "head_dim": cfg.H,
         "hidden_act": "silu" if cfg.mlp == "swiglu" else "gelu_pytorch_tanh",
         "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": max(max_len, cfg.window or 0),
+        # the rows it was trained on (at least the RoPE scaling's own context length)
+        "max_position_embeddings": max(
+            max_len, cfg.window, cfg.rope_original_len if cfg.rope_factor != 1 else 0
+        ),
         "tie_word_embeddings": cfg.tie_embed,
         "attention_bias": False,
         "attention_dropout": 0.0,

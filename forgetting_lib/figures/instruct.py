@@ -19,6 +19,7 @@ falling through 1 - target), or at their best accuracy if they never get there.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..engine.finetune import export_run
 from ..engine.hf import PREFIX, provenance
 from ..methods import METHODS
 from ..prep.binarize import binarize_or_reuse
+from ..runs import read_summary
 from . import analysis
 from .common import COLOURS
 
@@ -87,8 +89,9 @@ def prepare(spec: Any, *, code_corpus: str, max_tokens: int | None, dataset_id: 
         )
     run_dir, folder = parents[0].out_dir, Path(finetune.model.load_path.removeprefix(PREFIX))
     made = provenance(folder) if folder.is_dir() else None
-    if made is None or Path(made["run"]) != run_dir.resolve():
-        export_run(run_dir, folder)
+    final = (read_summary(run_dir) or {}).get("final", {}).get("valid_ntp")
+    if made is None or made["run"] != os.path.abspath(run_dir) or made["parent"]["final_valid_ntp"] != final:
+        export_run(run_dir, folder)  # a new export when the parent run is another or was redone
     binarize_or_reuse(code_corpus, folder, finetune.data.path, dataset_id=dataset_id, max_tokens=max_tokens)
     return {"model": folder, "data": Path(finetune.data.path)}
 

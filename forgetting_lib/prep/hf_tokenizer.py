@@ -39,6 +39,7 @@ SPECIAL_TOKENS_MAP_FILE, MODEL_CONFIG_FILE, CHAT_TEMPLATE_FILE = (
 HF_TOKENIZER_FILES = (HF_TOKENIZER_FILE, HF_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE)
 DATASET_ID_TOKENS_KEY = "forgetting_dataset_id_tokens"  # our exports' dataset-id tokens, in order
 SOURCE_FINGERPRINT_KEY = "forgetting_source_fingerprint"  # our exports: the SentencePiece model it came from
+CONVERTED_SHA_KEY = "forgetting_tokenizer_sha256"  # ... and the tokenizer.json the conversion wrote
 
 
 def is_hf_tokenizer_dir(directory: str | Path) -> bool:
@@ -125,8 +126,11 @@ class HFTokenizer:
         self.config = files[HF_CONFIG_FILE]  # tokenizer_config.json ({} when absent)
         # An export of one of our SentencePiece tokenizers gives its ids exactly (sp_to_hf.py,
         # tests/test_hf_tokenizer.py): it keeps that tokenizer's fingerprint, so token files made
-        # with either one serve a model of either form.
-        self.fingerprint = str(self.config.get(SOURCE_FINGERPRINT_KEY) or fingerprint)
+        # with either one serve a model of either form; only while its tokenizer.json is the one
+        # the conversion wrote (an edited one is another tokenizer).
+        source = self.config.get(SOURCE_FINGERPRINT_KEY)
+        converted = source and self.config.get(CONVERTED_SHA_KEY) == fingerprint
+        self.fingerprint = str(source) if converted else fingerprint
         self.eos_id = _special_token_id(tk, directory, "eos", files)
         self.bos_id = _special_token_id(tk, directory, "bos", files)
         if self.eos_id is None:

@@ -38,6 +38,7 @@ from ..fileio import atomic_write_bytes
 from . import sp_to_hf
 from .corpora import iter_documents
 from .hf_tokenizer import (
+    CONVERTED_SHA_KEY,
     HF_CONFIG_FILE,
     HF_TOKENIZER_FILE,
     HF_TOKENIZER_FILES,
@@ -87,10 +88,9 @@ def to_hf_tokenizer_json(tok: "Tokenizer", out_dir: str | Path) -> HFTokenizer:
         dataset_id_tokens=[tok.piece(tok.dataset_token(i)) for i in range(tok.num_dataset_ids)],
         fingerprint=tok.fingerprint,
     )
-    files = {
-        HF_TOKENIZER_FILE: hf.to_str(pretty=True) + "\n",
-        HF_CONFIG_FILE: json.dumps(config, indent=2) + "\n",
-    }
+    tokenizer_json = hf.to_str(pretty=True) + "\n"
+    config[CONVERTED_SHA_KEY] = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
+    files = {HF_TOKENIZER_FILE: tokenizer_json, HF_CONFIG_FILE: json.dumps(config, indent=2) + "\n"}
     _replace_hf_tokenizer_files(out_dir, {name: text.encode("utf-8") for name, text in files.items()})
     return HFTokenizer.load(out_dir)
 
