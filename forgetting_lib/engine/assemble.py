@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 
 from .. import config as config_lib, runtime
-from ..prep.binarize import read_token_file
 from ..prep.tokenizer import load_tokenizer
 from . import data as data_lib, lora as lora_lib, model as model_lib, regularisers, replay as replay_lib
 from .evaluate import make_evaluator, make_teacher_pass, teacher_forms
@@ -219,7 +218,7 @@ def _attach_parent(setup: Setup, eval_rows: int) -> None:
                 f"the parent {cfg.model.load_path} records no dataset-id token "
                 f"and its data {p.data_path} is gone: cannot prompt the sampler"
             )
-        prompt = token if r.prompt == "id" else chat_prompt(main_rows_tokenizer(cfg))
+        prompt = token if r.prompt == "id" else chat_prompt(rows_tokenizer(setup.batcher.main))
         if r.prompt == "chat" and len(prompt) >= cfg.data.T:
             raise data_lib.DataError(
                 f"reg.prompt=chat: the chat prompt is {len(prompt)} tokens, data.T={cfg.data.T} leaves "
@@ -255,11 +254,11 @@ def _attach_parent(setup: Setup, eval_rows: int) -> None:
         )
 
 
-def main_rows_tokenizer(cfg: config_lib.Config) -> Any:
-    """The tokenizer of the run's training data (its sidecar's `tokenizer_dir`)."""
-    folder = read_token_file(cfg.data.path)[1].get("tokenizer_dir")
+def rows_tokenizer(rows: data_lib.TokenRows) -> Any:
+    """The tokenizer that made a token file (its sidecar's `tokenizer_dir`)."""
+    folder = rows.sidecar.get("tokenizer_dir")
     if not folder:
-        raise data_lib.DataError(f"{cfg.data.path}: its sidecar names no tokenizer_dir; re-binarize it")
+        raise data_lib.DataError(f"{rows.path}: its sidecar names no tokenizer_dir; re-binarize it")
     return load_tokenizer(folder)
 
 

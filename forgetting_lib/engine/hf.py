@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ARCHITECTURE, ConfigError, ModelConfig
+from ..config import ARCHITECTURE, HF_PREFIX, ConfigError, ModelConfig
 from . import model as model_lib
 
-PREFIX = "hf:"
+PREFIX = HF_PREFIX  # model.load_path=hf:<folder or hub id>
 PROVENANCE = "forgetting.json"  # what an exported folder records about its run
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "apertus")
 _GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # tanh-approximated GELU (jax.nn.gelu's)

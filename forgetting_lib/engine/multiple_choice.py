@@ -215,22 +215,11 @@ class Suite:
         return out
 
 
-def evaluate_benchmarks(
-    scorer: Scorer,
-    params: Any,
-    tokenizer: TextEncoder,
-    start_token: int,
-    benchmarks: Mapping[str, Sequence[Question]],
-) -> dict[str, float]:
-    """`Suite(...)(params)` once: mc_<name> and mc_<name>_chance per benchmark, mc_mean(_chance)."""
-    return Suite(scorer, tokenizer, start_token, benchmarks)(params)
-
-
 def accuracy(
     scorer: Scorer, params: Any, tokenizer: TextEncoder, start_token: int, questions: Sequence[Question]
 ) -> float:
-    """The fraction of `questions` whose best-scoring choice is the answer."""
-    return evaluate_benchmarks(scorer, params, tokenizer, start_token, {"q": questions})["mc_q"]
+    """The fraction of `questions` whose best-scoring choice is the answer (a one-off `Suite`)."""
+    return Suite(scorer, tokenizer, start_token, {"q": questions})(params)["mc_q"]
 
 
 def run_suite(
